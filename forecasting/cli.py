@@ -1,0 +1,218 @@
+"""The ``forecast`` command line.
+
+Every sub-command is a thin layer over a library function: it parses options, calls the library and
+prints a short summary. Errors a user can act on (:class:`ForecastingError`) are printed as one
+message and exit with status 2; nothing half-written is left behind by the library functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from forecasting.errors import ForecastingError
+
+
+def _key_values(items: Sequence[str] | None, *, option: str, cast=str) -> dict:
+    """Parse ``KEY=VALUE`` pairs given to a repeatable option."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ForecastingError(f"{option} expects KEY=VALUE; got {item!r}")
+        try:
+            out[key] = cast(value)
+        except ValueError:
+            raise ForecastingError(f"{option} {key}: cannot read {value!r} as {cast.__name__}") from None
+    return out
+
+
+def _cmd_simulate(args: argparse.Namespace) -> None:
+    from forecasting.config import SimulationConfig, load_config, parse_config
+    from forecasting.data.builtin import run_simulation
+
+    base = load_config(args.config).simulation if args.config else SimulationConfig()
+    overrides = {k: v for k, v in {"years": args.years, "seed": args.seed, "nlat": args.nlat}.items() if v is not None}
+    if "nlat" in overrides:
+        overrides["nlon"] = 2 * overrides["nlat"]
+    config = parse_config({**base.model_dump(), **overrides}, source="simulate options", model=SimulationConfig)
+    paths = run_simulation(config, Path(args.out), overwrite=args.overwrite, progress=not args.quiet)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from forecasting.config import IngestConfig, load_config, parse_config
+    from forecasting.data.ingest import ingest
+    from forecasting.data.sources import Selection
+
+    if args.config:
+        if args.sources:
+            raise ForecastingError("give either SOURCEs or --config, not both")
+        jobs = load_config(args.config).ingest
+        if not jobs:
+            raise ForecastingError(f"config {args.config} has no 'ingest' entries")
+    else:
+        if not args.sources or not args.out:
+            raise ForecastingError("ingest needs at least one SOURCE and --out (or --config with 'ingest' entries)")
+        conform = {
+            "rename": _key_values(args.rename, option="--rename"),
+            "units": _key_values(args.units, option="--units"),
+            "levels": _key_values(args.level, option="--level", cast=float),
+            "reference_time": args.reference_time,
+            "nan_policy": args.nan_policy,
+        }
+        job = {
+            "sources": args.sources,
+            "out": args.out,
+            "variables": args.variables,
+            "levels": args.levels,
+            "time": (args.start, args.end) if (args.start or args.end) else None,
+            "area": tuple(args.area) if args.area else None,
+            "train_period": (args.train_start, args.train_end) if (args.train_start or args.train_end) else None,
+            "dask_address": args.dask_address,
+            "conform": conform,
+        }
+        jobs = [parse_config(job, source="ingest options", model=IngestConfig)]
+    for job in jobs:
+        selection = Selection(
+            variables=tuple(job.variables) if job.variables else None,
+            levels=tuple(job.levels) if job.levels else None,
+            time=job.time,
+            area=job.area,
+        )
+        report = ingest(
+            job.sources,
+            Path(job.out),
+            selection=selection,
+            options=job.conform.to_options(),
+            overwrite=args.overwrite,
+            append=args.append,
+            train_period=job.train_period,
+            dask_address=args.dask_address or job.dask_address,
+            progress=not args.quiet,
+        )
+        print(report.describe())
+
+
+def _cmd_stats(args: argparse.Namespace) -> None:
+    from forecasting.data.ingest import describe_store
+
+    print(describe_store(args.store, as_json=args.json))
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from forecasting.quickstart import run_quickstart
+
+    report = run_quickstart(Path(args.workdir), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"quickstart report: {report}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forecast",
+        description="Data-driven probabilistic weather forecasting: simulate, ingest, train, forecast, verify.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the package version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "quickstart",
+        help="run the whole pipeline on the built-in data",
+        description="Simulate the built-in dataset, ingest it into analysis-ready Zarr stores (coarse global, "
+        "fine regional, stations) and write WORKDIR/report.md.",
+    )
+    p.add_argument("--workdir", default="data/quickstart", help="where everything is written (default: %(default)s)")
+    p.add_argument("--fast", action="store_true", help="a small, quick version (a 30-day, low-resolution simulation)")
+    p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser(
+        "simulate",
+        help="write the built-in physical dataset (synthetic reanalysis + stations)",
+        description="Run the forced-dissipative shallow-water simulator and write DIR/global_coarse.nc "
+        "(5.625 deg), DIR/regional_fine.nc (the fine regional box), DIR/stations.parquet and DIR/simulation.json.",
+    )
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--years", type=float, help="simulated years after spin-up (default 1)")
+    p.add_argument("--seed", type=int, help="random seed (default 0); same seed, same data")
+    p.add_argument("--nlat", type=int, help="latitudes of the model grid, a multiple of 32 (default 128)")
+    p.add_argument("--config", help="experiment YAML whose 'simulation' section gives the defaults")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser(
+        "ingest",
+        help="conform sources and write an analysis-ready Zarr store with statistics",
+        description="Read SOURCEs (files, globs, URLs or catalog names), map them onto the canonical schema, "
+        "check them and write STORE.zarr (one time step per chunk) with normalisation statistics. Station "
+        "tables (CSV, Parquet, station netCDF) are quality-controlled and written as a (station, time) store "
+        "with a QC report beside it.",
+    )
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help="files, globs, URLs or catalog names")
+    p.add_argument("--out", help="output Zarr store")
+    p.add_argument("--config", help="experiment YAML whose 'ingest' entries are run (instead of SOURCEs)")
+    p.add_argument("--variables", nargs="+", metavar="V", help="canonical variable names to keep")
+    p.add_argument("--levels", nargs="+", type=float, metavar="HPA", help="pressure levels to keep")
+    p.add_argument("--start", help="first time to keep (ISO)")
+    p.add_argument("--end", help="last time to keep (ISO)")
+    p.add_argument("--area", nargs=4, type=float, metavar=("LAT_MIN", "LAT_MAX", "LON_MIN", "LON_MAX"),
+                   help="keep only this box (lon_min > lon_max wraps across 0E)")
+    p.add_argument("--train-start", help="first time of the training period used for statistics")
+    p.add_argument("--train-end", help="last time of the training period used for statistics")
+    p.add_argument("--rename", action="append", metavar="SRC=NAME", help="map a source variable to a canonical name")
+    p.add_argument("--units", action="append", metavar="VAR=UNITS", help="declare units missing or wrong in the file")
+    p.add_argument("--level", action="append", metavar="VAR=HPA", help="attach a pressure level to a variable")
+    p.add_argument("--reference-time", help="start of integer hour offsets when the file gives none")
+    p.add_argument("--nan-policy", choices=["error", "fixed", "allow"], default="error",
+                   help="NaNs: error (default), fixed (a static mask; all-missing time steps dropped), allow")
+    p.add_argument("--append", action="store_true", help="append new times to an existing store")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--dask-address", help="run on an existing Dask scheduler (e.g. tcp://127.0.0.1:8786)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("stats", help="print a store's contents and normalisation statistics",
+                       description="Print the variables, time axis, chunks and statistics of STORE.zarr.")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_stats)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from forecasting import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 1
+    try:
+        args.func(args)
+    except ForecastingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def app() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    app()
