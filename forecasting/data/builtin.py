@@ -13,10 +13,10 @@ def run_simulation(config: SimulationConfig, out: Path, *, overwrite: bool = Fal
 
     Refuses an existing ``out`` before any computation unless ``overwrite``.
     """
-    from forecasting.data.simulator import Region, SimulationSettings, simulate, write_simulation
-
     if out.exists() and not overwrite:
         raise StoreError(f"output directory {out} already exists; pass --overwrite to replace it")
+    from forecasting.data.simulator import Region, SimulationSettings, simulate, write_simulation
+
     settings = SimulationSettings(
         years=config.years,
         seed=config.seed,

@@ -1,0 +1,1 @@
+"""Data: sources, schema-conformed readers, the built-in simulator, stores, observations, torch datasets."""
