@@ -178,6 +178,27 @@ def unit_conversion(variable: str, units: str) -> tuple[float, float] | None:
     return None
 
 
+def allowed_units(variable: str) -> list[str]:
+    """The unit spellings accepted (and converted) for a canonical variable, for error messages."""
+    return sorted(k for k in _CONVERSIONS[VARIABLES[variable].kind] if k)
+
+
+def precipitation_rate_factor(units: str) -> float | None:
+    """Metres of water per second per unit of a precipitation rate in ``units``; None if not a rate."""
+    return _RATE_TO_M_PER_S.get(units) or _RATE_TO_M_PER_S.get(_normalise_unit(units))
+
+
+def accumulation_name(step: pd.Timedelta, *, source: str) -> str:
+    """Canonical name of precipitation accumulated over ``step`` (WeatherBench2: total_precipitation_6hr...)."""
+    hours = step / pd.Timedelta(hours=1)
+    if hours != int(hours):
+        raise SchemaError(f"{source}: cannot name precipitation accumulated over a {step} step")
+    name = f"total_precipitation_{int(hours)}hr" if hours != 1 else "total_precipitation"
+    if name not in VARIABLES:
+        raise SchemaError(f"{source}: precipitation accumulated over {int(hours)} h has no canonical name")
+    return name
+
+
 def canonical_name(name: str) -> str | None:
     """The canonical long name for a name found in a file, or None if it is not a known variable."""
     return _ALIAS_TO_NAME.get(name)
@@ -515,7 +536,7 @@ def _conform_units(
             out = _precipitation_rate_to_accumulation(out, str(name), units, source=source, original=original)
             continue
         if conv is None:
-            allowed = ", ".join(sorted(k for k in _CONVERSIONS[spec.kind] if k))
+            allowed = ", ".join(allowed_units(spec.name))
             raise SchemaError(
                 f"{source}: variable {original!r} ({name}) has units {units!r} ({where}), which are not "
                 f"{spec.kind} units (expected one of: {allowed}); if the attribute is wrong, declare the "
@@ -534,8 +555,7 @@ def _conform_units(
 def _precipitation_rate_to_accumulation(
     ds: xr.Dataset, name: str, units: str, *, source: str, original: str
 ) -> xr.Dataset:
-    norm = _normalise_unit(units)
-    rate = _RATE_TO_M_PER_S.get(units) or _RATE_TO_M_PER_S.get(norm)
+    rate = precipitation_rate_factor(units)
     if rate is None:
         raise SchemaError(
             f"{source}: precipitation variable {original!r} has units {units!r}; expected an accumulation "
@@ -545,18 +565,13 @@ def _precipitation_rate_to_accumulation(
         raise SchemaError(f"{source}: precipitation rate {original!r} needs a time axis to become an accumulation")
     report = check_time_axis(ds[TIME].values, source=source)
     assert report.step is not None
-    hours = report.step / pd.Timedelta(hours=1)
-    if hours != int(hours):
-        raise SchemaError(f"{source}: cannot turn rate {original!r} into an accumulation over a {report.step} step")
-    target = f"total_precipitation_{int(hours)}hr" if hours != 1 else "total_precipitation"
+    target = accumulation_name(report.step, source=source)
     var = ds[name]
     new = (var * (rate * report.step.total_seconds())).astype(var.dtype)
     new.attrs = {k: v for k, v in var.attrs.items() if k != "units"}
-    new.attrs.update({"units": "m", "accumulation_period": f"{int(hours)}h", "converted_from_units": units})
-    out = ds.drop_vars(name).assign({target: new})
-    if target not in VARIABLES:
-        raise SchemaError(f"{source}: precipitation accumulated over {int(hours)} h has no canonical name")
-    return out
+    hours = int(report.step / pd.Timedelta(hours=1))
+    new.attrs.update({"units": "m", "accumulation_period": f"{hours}h", "converted_from_units": units})
+    return ds.drop_vars(name).assign({target: new})
 
 
 def _order_dims(ds: xr.Dataset) -> xr.Dataset:
@@ -747,3 +762,37 @@ def subset(
         if out.sizes[LAT] == 0 or out.sizes[LON] == 0:
             raise SchemaError(f"{source}: area {area} holds no grid points")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Forecast layout (WeatherBench2): time (init), prediction_timedelta, realization, [level], lat, lon
+# ----------------------------------------------------------------------------------------------
+def with_valid_time(ds: xr.Dataset) -> xr.Dataset:
+    """Return ``ds`` with the ``valid_time`` coordinate (time, prediction_timedelta) = time + lead."""
+    return ds.assign_coords({VALID_TIME: ds[TIME] + ds[LEAD]})
+
+
+def validate_forecast(ds: xr.Dataset, *, source: str = "<forecast>") -> None:
+    """Check the forecast layout of DESIGN.md (coords only): dims, lead dtype, members, valid_time, units."""
+    for dim in (TIME, LEAD, MEMBER):
+        if dim not in ds.dims:
+            raise SchemaError(
+                f"{source}: a forecast needs dims ({TIME}, {LEAD}, {MEMBER}, ...); {dim!r} is missing "
+                f"(dims found: {dict(ds.sizes)})"
+            )
+    if not np.issubdtype(ds[LEAD].dtype, np.timedelta64):
+        raise SchemaError(f"{source}: {LEAD} must be timedelta64; found dtype {ds[LEAD].dtype}")
+    if ds.sizes[LEAD] > 1 and not np.all(np.diff(ds[LEAD].values) > np.timedelta64(0)):
+        raise SchemaError(f"{source}: {LEAD} must be increasing; found {ds[LEAD].values[:4]}")
+    if VALID_TIME in ds.coords:
+        expected = ds[TIME] + ds[LEAD]
+        if not np.array_equal(np.asarray(ds[VALID_TIME].broadcast_like(expected).values), expected.values):
+            raise SchemaError(f"{source}: coordinate {VALID_TIME} is not time + {LEAD}")
+    validate(ds, source=source)
+
+
+def analysis_as_forecast(ds: xr.Dataset) -> xr.Dataset:
+    """View an analysis (time, ..., lat, lon) as a one-member forecast at lead 0, e.g. to score a gridded
+    product against stations with the same machinery as forecasts."""
+    out = ds.expand_dims({LEAD: [np.timedelta64(0, "ns")], MEMBER: [0]})
+    return _order_dims(with_valid_time(out))
