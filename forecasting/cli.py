@@ -103,6 +103,69 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     print(describe_store(args.store, as_json=args.json))
 
 
+def _start_times(args: argparse.Namespace):
+    import pandas as pd
+
+    if args.start and args.starts:
+        raise ForecastingError("give either --start (repeatable) or --starts FROM TO EVERY, not both")
+    if args.start:
+        return pd.DatetimeIndex(args.start)
+    if args.starts:
+        first, last, every = args.starts
+        try:
+            return pd.date_range(first, last, freq=pd.Timedelta(every))
+        except ValueError as exc:
+            raise ForecastingError(f"--starts {first} {last} {every}: {exc}") from None
+    raise ForecastingError("no start times: give --start TIME (repeatable) or --starts FROM TO EVERY")
+
+
+def _cmd_baseline(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from forecasting.inference import baseline_forecast, write_forecast
+    from forecasting.verification.verify import open_truth
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ForecastingError(f"forecast {out} already exists; pass --overwrite to replace it")
+    if args.steps < 1 or args.step_hours <= 0:
+        raise ForecastingError(f"--steps must be >= 1 and --step-hours > 0; got {args.steps}, {args.step_hours}")
+    truth = open_truth(args.truth)
+    starts = _start_times(args)
+    leads = pd.to_timedelta([args.step_hours * (i + 1) for i in range(args.steps)], unit="h")
+    period = tuple(args.climatology_period) if args.climatology_period else None
+    forecast = baseline_forecast(truth, kind=args.kind, init_times=starts, leads=leads, climatology_period=period)
+    write_forecast(forecast, out, model=args.kind, overwrite=args.overwrite,
+                   config={"kind": args.kind, "truth": str(args.truth), "steps": args.steps,
+                           "step_hours": args.step_hours, "climatology_period": period})
+    print(f"wrote {args.kind} forecast {out}: {len(starts)} start times x {args.steps} leads")
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from forecasting.verification.verify import verify
+
+    regions = {}
+    for name, *box in args.region or ():
+        try:
+            regions[name] = tuple(float(x) for x in box)
+        except ValueError:
+            raise ForecastingError(f"--region {name}: bounds must be numbers; got {box}") from None
+    result = verify(
+        args.forecast,
+        out_dir=Path(args.out),
+        truth_path=args.truth,
+        observations_path=args.obs,
+        reference=args.reference,
+        regions=regions,
+        station_method=args.station_method,
+        chunk_starts=args.chunk_starts,
+        n_resamples=args.bootstrap,
+        overwrite=args.overwrite,
+        plots=not args.no_plots,
+    )
+    print(f"verification written to {result.out_dir} ({len(result.files)} files); summary: {result.out_dir / 'summary.md'}")
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from forecasting.quickstart import run_quickstart
 
@@ -175,6 +238,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask-address", help="run on an existing Dask scheduler (e.g. tcp://127.0.0.1:8786)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser(
+        "baseline",
+        help="write persistence or climatology forecasts from an analysis store",
+        description="Persistence (the analysis at the start time, for every lead) or climatology (a smoothed "
+        "day-of-year and time-of-day mean of the analysis) forecasts in the forecast layout, as Zarr.",
+    )
+    p.add_argument("kind", choices=["persistence", "climatology"])
+    p.add_argument("--truth", required=True, help="analysis store the baseline is made from")
+    p.add_argument("--out", required=True, help="output forecast Zarr")
+    p.add_argument("--start", action="append", metavar="TIME", help="a start time (repeatable)")
+    p.add_argument("--starts", nargs=3, metavar=("FROM", "TO", "EVERY"), help="start times FROM..TO every EVERY (e.g. 24h)")
+    p.add_argument("--steps", type=int, default=20, help="number of leads (default %(default)s)")
+    p.add_argument("--step-hours", type=float, default=6, help="hours between leads (default %(default)s)")
+    p.add_argument("--climatology-period", nargs=2, metavar=("FROM", "TO"),
+                   help="period the climatology is computed over (default: the store's training period, else all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
+    p.set_defaults(func=_cmd_baseline)
+
+    p = sub.add_parser(
+        "verify",
+        help="score a forecast against gridded truth and stations; scorecard and plots",
+        description="Write DIR/scores.nc and scores.csv (metric, variable, lead, region, model), a scorecard "
+        "against the reference with paired-bootstrap significance, plots and DIR/summary.md.",
+    )
+    p.add_argument("--forecast", required=True, help="forecast Zarr (an analysis store counts as a lead-0 forecast)")
+    p.add_argument("--truth", help="gridded truth store on the same grid")
+    p.add_argument("--obs", help="observations: a station store, CSV, Parquet or station netCDF")
+    p.add_argument("--reference", help="persistence, climatology (built from --truth) or another forecast Zarr")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--region", action="append", nargs=5, metavar=("NAME", "LAT_MIN", "LAT_MAX", "LON_MIN", "LON_MAX"),
+                   help="an extra named region to score (repeatable)")
+    p.add_argument("--station-method", choices=["bilinear", "nearest"], default="bilinear",
+                   help="interpolation to stations (default %(default)s)")
+    p.add_argument("--chunk-starts", type=int, default=8, help="start times held in memory at once (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the scorecard (default %(default)s)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("stats", help="print a store's contents and normalisation statistics",
                        description="Print the variables, time axis, chunks and statistics of STORE.zarr.")

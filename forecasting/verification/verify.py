@@ -63,7 +63,7 @@ class VerifyResult:
     files: tuple[Path, ...] = field(default_factory=tuple)
 
 
-def _open_truth(path: str | Path) -> xr.Dataset:
+def open_truth(path: str | Path) -> xr.Dataset:
     try:
         ds = xr.open_zarr(path, consolidated=None)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
@@ -167,7 +167,7 @@ def verify(
 
     forecast = open_forecast(forecast_path)
     name = model_name or str(forecast.attrs.get("model", Path(forecast_path).stem))
-    truth = _open_truth(truth_path) if truth_path is not None else None
+    truth = open_truth(truth_path) if truth_path is not None else None
     observations = _open_observations(observations_path) if observations_path is not None else None
     if truth is not None:
         shared = check_comparable(forecast, truth, source=str(forecast_path), truth_source=str(truth_path))
