@@ -422,7 +422,9 @@ def _conform_level(ds: xr.Dataset, *, source: str) -> xr.Dataset:
         raise SchemaError(f"{source}: pressure levels out of range (0, 1100] hPa: {values.tolist()}")
     if len(np.unique(values)) != len(values):
         raise SchemaError(f"{source}: duplicated pressure levels {values.tolist()}")
-    ds = ds.assign_coords({LEVEL: values}).sortby(LEVEL)
+    ds = ds.assign_coords({LEVEL: values})
+    if values.size > 1 and not np.all(np.diff(values) > 0):
+        ds = ds.isel({LEVEL: np.argsort(values, kind="stable")})
     ds[LEVEL].attrs = {"units": "hPa", "long_name": "pressure level"}
     return ds
 
@@ -437,7 +439,9 @@ def _conform_latitude(ds: xr.Dataset, *, source: str) -> xr.Dataset:
         raise SchemaError(f"{source}: duplicated latitudes in {lat[:5].tolist()}...")
     if lat.size > 1 and not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
         raise SchemaError(f"{source}: latitude is not monotonic; found {lat[:5].tolist()}...")
-    ds = ds.assign_coords({LAT: lat}).sortby(LAT)
+    ds = ds.assign_coords({LAT: lat})
+    if lat.size > 1 and lat[0] > lat[-1]:
+        ds = ds.isel({LAT: slice(None, None, -1)})  # a reversed slice, not a sort: cheap on dask
     ds[LAT].attrs = {"units": "degrees_north", "long_name": "latitude", "standard_name": "latitude"}
     return ds
 
@@ -456,7 +460,9 @@ def _conform_longitude(ds: xr.Dataset, *, source: str) -> xr.Dataset:
         if not np.all(keep):
             ds = ds.isel({LON: np.flatnonzero(keep)})
             wrapped = wrapped[keep]
-    ds = ds.assign_coords({LON: wrapped}).sortby(LON)
+    ds = ds.assign_coords({LON: wrapped})
+    if wrapped.size > 1 and not np.all(np.diff(wrapped) > 0):
+        ds = ds.isel({LON: np.argsort(wrapped, kind="stable")})
     ds[LON].attrs = {"units": "degrees_east", "long_name": "longitude", "standard_name": "longitude"}
     return ds
 
