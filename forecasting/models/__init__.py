@@ -1,0 +1,11 @@
+"""Torch modules of the forecasters. They take tensors, never datasets, stores or paths.
+
+* :mod:`~forecasting.models.layers`: MLP, conditional layer norm, GraphCast-style interaction network;
+* :mod:`~forecasting.models.graph_network`: :class:`GraphTensors` (torch views of a
+  :class:`~forecasting.graphs.ForecastGraph`) and the :class:`EncodeProcessDecode` graph network.
+"""
+
+from forecasting.models.graph_network import EncodeProcessDecode, GraphTensors, graph_tensors
+from forecasting.models.layers import MLP, ConditionalLayerNorm, InteractionNetwork
+
+__all__ = ["MLP", "ConditionalLayerNorm", "EncodeProcessDecode", "GraphTensors", "InteractionNetwork", "graph_tensors"]
