@@ -166,6 +166,34 @@ def _cmd_verify(args: argparse.Namespace) -> None:
     print(f"verification written to {result.out_dir} ({len(result.files)} files); summary: {result.out_dir / 'summary.md'}")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from forecasting.config import load_config
+    from forecasting.training.train import train
+
+    config = load_config(args.config)
+    result = train(
+        config, out_dir=args.out, resume=args.resume, overwrite=args.overwrite, max_steps=args.max_steps,
+        progress=not args.quiet,
+    )
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(result.metrics.items()) if k.endswith("loss"))
+    print(f"trained {result.global_step} steps ({shown}); model: {result.checkpoint}; resume from: {result.resume_checkpoint}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from forecasting.inference import predict
+
+    if args.steps < 1 or args.members < 1:
+        raise ForecastingError(f"--steps and --members must be >= 1; got {args.steps}, {args.members}")
+    starts = _start_times(args)
+    stores = _key_values(args.store, option="--store")
+    out = predict(
+        args.checkpoint, starts=starts, members=args.members, steps=args.steps, out=args.out, stores=stores,
+        boundary=args.boundary, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote forecast {out}: {len(starts)} start times x {args.steps} leads x {args.members} members")
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from forecasting.quickstart import run_quickstart
 
@@ -277,6 +305,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "train",
+        help="train a forecaster (PyTorch Lightning) from an experiment config",
+        description="Train the model of CONFIG ('model', 'data' and 'training' sections) on its stores. Writes "
+        "DIR/model.pt (the model checkpoint for 'forecast predict'), DIR/checkpoints/last.ckpt (to resume), "
+        "CSV and TensorBoard logs and the resolved config; DIR defaults to training.out_dir, else runs/<name>.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="experiment YAML (e.g. configs/graph.yaml)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: training.out_dir or runs/<name>)")
+    p.add_argument("--resume", action="store_true", help="continue the stopped run in DIR exactly where it was")
+    p.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop after N optimiser steps in all (the learning-rate schedule keeps training.max_steps)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or Lightning messages")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "predict",
+        help="ensemble forecasts from a trained model, streamed to Zarr",
+        description="Roll the model of CKPT out STEPS steps from each start time, MEMBERS members batched "
+        "together, and write the forecast lead by lead to OUT.zarr (one group per grid for a stretched-grid "
+        "model), with provenance attributes. Initial conditions come from the stores of the model's config "
+        "unless --store GRID=PATH is given.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="model checkpoint (model.pt of forecast train)")
+    p.add_argument("--start", action="append", metavar="TIME", help="a start time (repeatable)")
+    p.add_argument("--starts", nargs=3, metavar=("FROM", "TO", "EVERY"), help="start times FROM..TO every EVERY (e.g. 24h)")
+    p.add_argument("--members", type=int, default=1, help="ensemble members (default %(default)s)")
+    p.add_argument("--steps", type=int, required=True, help="number of model steps (leads)")
+    p.add_argument("--out", required=True, help="output forecast Zarr")
+    p.add_argument("--store", action="append", metavar="GRID=PATH",
+                   help="initial-condition store of a grid (global, regional); repeatable")
+    p.add_argument("--boundary", metavar="PATH",
+                   help="limited-area models: boundary analysis store or forecast Zarr (default: the global store)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the members' noise (default %(default)s)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="start times x members per model call (default: all)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s; e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("stats", help="print a store's contents and normalisation statistics",
                        description="Print the variables, time axis, chunks and statistics of STORE.zarr.")

@@ -218,7 +218,7 @@ def verify_grid(
     forecast: forecast layout (time, prediction_timedelta, realization, [level], latitude, longitude),
         lazy. truth: analysis layout on the same grid. regions: name -> (lat_min, lat_max, lon_min, lon_max)
         or None for the whole grid. climatology_forecast: optional callable ``(init_times, leads) ->
-        forecast-layout climatology`` used as the climatology of the ACC (skipped without it).
+        forecast-layout climatology`` (or None) used as the climatology of the ACC (skipped without it).
     """
     unknown = [x for x in metrics if x not in GRIDDED_METRICS]
     if unknown:
@@ -244,8 +244,8 @@ def verify_grid(
         fc = fc.drop_vars(VALID_TIME, errors="ignore")
         n_valid += int(tr.to_array().notnull().any([d for d in tr.dims if d not in (TIME, LEAD)]).sum())
         clim = None
-        if climatology_forecast is not None:
-            clim_fc = climatology_forecast(fc[TIME].values, fc[LEAD].values)
+        clim_fc = climatology_forecast(fc[TIME].values, fc[LEAD].values) if climatology_forecast else None
+        if clim_fc is not None:
             clim = flatten_levels(clim_fc).isel({MEMBER: 0}, drop=True).drop_vars(VALID_TIME, errors="ignore").load()
         region_scores = []
         region_ranks = []

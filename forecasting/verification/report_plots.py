@@ -86,11 +86,16 @@ def make_plots(
     if observations is not None:
         files += _plume(folder, forecast=forecast, observations=observations)
     if scorecard is not None:
-        for metric in [str(m) for m in scorecard[METRIC].values]:
-            path = folder / f"scorecard_{metric}.png"
-            files.append(plotting.plot_scorecard(
-                scorecard, path, metric=metric,
-                title=f"{scorecard.attrs.get('model')} vs {scorecard.attrs.get('reference')}: {metric} skill"))
+        for region in [str(r) for r in scorecard[REGION].values]:
+            card = scorecard.sel({REGION: [region]})
+            for metric in [str(m) for m in scorecard[METRIC].values]:
+                if bool(card["skill"].sel({METRIC: metric}).isnull().all()):
+                    continue
+                path = folder / f"scorecard_{metric}_{_safe(region)}.png"
+                files.append(plotting.plot_scorecard(
+                    card, path, metric=metric,
+                    title=f"{scorecard.attrs.get('model')} vs {scorecard.attrs.get('reference')}: "
+                          f"{metric} skill ({region})"))
     return files
 
 
@@ -145,7 +150,7 @@ def _plume(folder: Path, *, forecast: xr.Dataset, observations: xr.Dataset) -> l
         return []
     variable = shared[0]
     counts = observations[variable].notnull().sum(TIME)
-    station = int(counts.argmax())
+    station = int(np.argmax(counts.values))
     obs = observations.isel(station=station)
     lat, lon = float(obs["latitude"]), float(obs["longitude"])
     start = forecast[TIME].values[0]

@@ -30,7 +30,7 @@ import pandas as pd
 import xarray as xr
 
 from forecasting.errors import SchemaError, SourceError, StoreError
-from forecasting.inference import baseline_forecast, open_forecast
+from forecasting.inference import baseline_forecast, climatology_with_fallback, open_forecast
 from forecasting.schema import LEAD, LEVEL, MEMBER, TIME, VALID_TIME
 from forecasting.verification.gridded import (
     GRIDDED_METRICS,
@@ -42,8 +42,8 @@ from forecasting.verification.gridded import (
     is_global,
     verify_grid,
 )
-from forecasting.verification.baselines import climatology, climatology_forecast
-from forecasting.verification.scorecard import build_scorecard, scorecard_markdown, scorecard_to_frame
+from forecasting.verification.baselines import climatology_forecast
+from forecasting.verification.scorecard import SCORECARD_STATISTICS, build_scorecard, scorecard_markdown, scorecard_to_frame
 from forecasting.verification.stations import verify_stations
 
 MODEL = "model"
@@ -222,6 +222,11 @@ def verify(
                 score_parts[model].append(st_scores.expand_dims({REGION: [STATIONS_REGION]}, axis=-1))
                 per_start[model].append(st_per_start.expand_dims({REGION: [STATIONS_REGION]}, axis=-1))
                 station_tables[model] = st_station
+    notes = []
+    if clim_fn is not None and clim_fn.note:
+        notes.append(clim_fn.note)
+    if clim_fn is not None and clim_fn.unavailable:
+        notes.append(f"ACC skipped: no climatology could be made from the truth ({clim_fn.unavailable})")
     scores = _combine_models(score_parts)
     scores.attrs = {"forecast": str(forecast_path), "truth": str(truth_path), "observations": str(observations_path),
                     "reference": str(reference), "n_start_times": int(forecast.sizes[TIME]),
@@ -231,15 +236,18 @@ def verify(
     if ref_name is not None:
         model_ps = xr.concat(per_start[name], dim=REGION, join="outer").to_dataset(name="score")
         ref_ps = xr.concat(per_start[ref_name], dim=REGION, join="outer").to_dataset(name="score")
+        # a one-member reference has no ensemble scores: the card compares what both have
+        shared_metrics = [str(x) for x in model_ps[METRIC].values
+                          if str(x) in SCORECARD_STATISTICS and str(x) in ref_ps[METRIC].values]
         scorecard = build_scorecard(model_ps, ref_ps, model_name=name, reference_name=ref_name,
-                                    n_resamples=n_resamples)
+                                    metrics=shared_metrics, n_resamples=n_resamples)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         files = _write_outputs(tmp, scores=scores, scorecard=scorecard, grids=grids, station_tables=station_tables,
                                forecast=forecast, truth=truth, observations=observations, model=name,
-                               reference=ref_name, plots=plots)
+                               reference=ref_name, plots=plots, notes=notes)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -255,12 +263,22 @@ class _ClimatologyForecaster:
 
     def __init__(self, truth: xr.Dataset, period: tuple[str, str] | None):
         self._truth = truth
-        self._period = period or (str(pd.Timestamp(truth[TIME].values[0])), str(pd.Timestamp(truth[TIME].values[-1])))
+        self._period = period
         self._clim: xr.Dataset | None = None
+        self.unavailable: str | None = None
+        self.note: str | None = None
 
-    def __call__(self, init_times, leads) -> xr.Dataset:
+    def __call__(self, init_times, leads) -> xr.Dataset | None:
+        """The climatology at the valid times, or None when the truth is too short to make one."""
+        if self.unavailable is not None:
+            return None
         if self._clim is None:
-            self._clim = climatology(self._truth, period=self._period).load()
+            try:
+                clim, self.note = climatology_with_fallback(self._truth, self._period)
+                self._clim = clim.load()
+            except SchemaError as exc:  # e.g. less than a year of truth: no ACC rather than no verification
+                self.unavailable = str(exc)
+                return None
         return climatology_forecast(self._clim, init_times=init_times, leads=leads)
 
 
@@ -305,7 +323,7 @@ def _units_of(variable: str, forecast: xr.Dataset) -> str:
 
 
 def _write_outputs(tmp: Path, *, scores, scorecard, grids, station_tables, forecast, truth, observations, model,
-                   reference, plots) -> list[Path]:
+                   reference, plots, notes) -> list[Path]:
     files: list[Path] = []
     units = {str(v): _units_of(str(v), forecast) for v in scores[VARIABLE].values}
     scores = scores.assign_coords(units=(VARIABLE, [units[str(v)] for v in scores[VARIABLE].values]))
@@ -336,7 +354,8 @@ def _write_outputs(tmp: Path, *, scores, scorecard, grids, station_tables, forec
 
         files += make_plots(tmp / "plots", scores=scores, scorecard=scorecard, ranks=ranks, spectra=spectra,
                             forecast=forecast, truth=truth, observations=observations, model=model)
-    (tmp / "summary.md").write_text(_summary(scores, scorecard, model=model, reference=reference, files=files, root=tmp))
+    (tmp / "summary.md").write_text(
+        _summary(scores, scorecard, model=model, reference=reference, files=files, root=tmp, notes=notes))
     files.append(tmp / "summary.md")
     return files
 
@@ -372,7 +391,8 @@ def _lead_label(lead) -> str:
     return f"{hours:g} h"
 
 
-def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None, files, root: Path) -> str:
+def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None, files, root: Path,
+             notes: Sequence[str] = ()) -> str:
     lines = [f"# Verification of {model}", ""]
     attrs = scores.attrs
     lines.append(f"Forecast `{attrs.get('forecast')}`: {attrs.get('n_start_times')} start times, "
@@ -381,6 +401,7 @@ def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None
     lines.append("")
     lines.append("RMSE is the square root of the start-time mean of the area-weighted spatial-mean squared error "
                  "(WeatherBench2); deterministic scores of an ensemble are those of its mean.")
+    lines += [f"\nNote: {note}" for note in notes]
     for region in scores[REGION].values:
         for metric in ("rmse", "crps", "spread_skill_ratio", "acc"):
             table = summary_table(scores, region=str(region), metric=metric)

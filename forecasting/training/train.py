@@ -1,0 +1,261 @@
+"""``forecast train``: train a forecaster from an experiment config with PyTorch Lightning.
+
+A run directory (``--out``, else ``training.out_dir``, else ``runs/<name>``) holds:
+
+* ``config.json``: the resolved config (a resumed run must use the same one);
+* ``checkpoints/last.ckpt``: the Lightning checkpoint (weights, optimiser, scheduler, loop state) written
+  every ``training.checkpoint_every`` steps and at the end; ``--resume`` continues from it exactly;
+* ``model.pt``: the model checkpoint for inference (:mod:`forecasting.training.checkpoint`), at the end;
+* ``logs/version_N/metrics.csv`` (CSV logger) and ``tensorboard/version_N`` (when tensorboard is
+  installed), one version per run segment; ``graph_summary.json`` (node and edge counts of the graph).
+
+Hardware comes from the config: ``accelerator`` (auto: a GPU when there is one), ``devices``,
+``num_nodes`` and ``strategy`` (``ddp`` across GPUs and nodes, launched by torchrun or SLURM as Lightning
+supports), ``precision`` (auto: ``bf16-mixed`` autocast on a GPU, ``32-true`` on the CPU). Everything is
+checked (stores, variables, region, periods) before the run directory is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from forecasting.config import ConfigError, ExperimentConfig, GraphModelConfig, TrainingConfig
+from forecasting.errors import ForecastingError
+from forecasting.forecasters import GLOBAL, REGIONAL, GraphForecaster, build_forecaster
+from forecasting.training.data import ForecastDataModule, NodeWindowDataset, open_training_store
+from forecasting.training.module import ForecastModule, Objective, RolloutObjective
+
+__all__ = ["TrainResult", "TrainingSetup", "train"]
+
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+MODEL_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What the engine needs from a family: the module to optimise, its objective, data and an exporter.
+
+    ``model`` is what ``objective`` calls (trained in place); ``val`` is None without a validation period;
+    ``export(path, metadata)`` writes the inference checkpoint of the trained model; ``summary`` is written
+    to the run directory as ``graph_summary.json`` (JSON-serialisable).
+    """
+
+    model: torch.nn.Module
+    objective: Objective
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset | None
+    val_rollout_steps: int
+    export: Callable[[Path, dict], Path]
+    summary: dict
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where a run wrote its outputs, how far it got and its last logged metrics."""
+
+    out_dir: Path
+    checkpoint: Path
+    resume_checkpoint: Path
+    global_step: int
+    metrics: dict[str, float]
+
+
+def _graph_setup(config: ExperimentConfig) -> TrainingSetup:
+    """Forecaster, objective and windows of the graph family (checks stores, variables, region, periods)."""
+    training = config.training
+    assert training is not None and config.data is not None and isinstance(config.model, GraphModelConfig)
+    forecaster = build_forecaster(config)
+    assert isinstance(forecaster, GraphForecaster)
+    data = config.data
+    paths = {GLOBAL: data.global_store, REGIONAL: data.regional_store}
+    stores = {grid: open_training_store(paths[grid], in_memory=data.in_memory) for grid in forecaster.grids}
+    boundary = open_training_store(paths[GLOBAL], in_memory=data.in_memory) if forecaster.limited_area else None
+    val_steps = training.val_rollout_steps or training.max_rollout_steps
+
+    def windows(target_steps: int, period, what: str) -> NodeWindowDataset:
+        return NodeWindowDataset(
+            forecaster, stores, boundary_store=boundary,
+            target_steps=target_steps, time=period, source=f"{what} period {list(period)}",
+        )
+
+    train_set = windows(training.max_rollout_steps, training.train_period, "training")
+    val_set = windows(val_steps, training.val_period, "validation") if training.val_period is not None else None
+    objective = RolloutObjective(
+        node_weights=forecaster.loss_node_weights(training.regional_loss_share),
+        channel_weights=forecaster.channel_weights(training.variable_weights),
+        error_scale=forecaster.normalisation.tendency_std,
+        ensemble_size=training.ensemble_size if forecaster.probabilistic else None,
+        channel_names=forecaster.channels.names,
+    )
+
+    def export(path: Path, metadata: dict) -> Path:
+        return forecaster.save_checkpoint(path, config=config, metadata=metadata)
+
+    return TrainingSetup(
+        model=forecaster.rollout, objective=objective, train=train_set, val=val_set, val_rollout_steps=val_steps,
+        export=export, summary=forecaster.graph.summary(),
+    )
+
+
+#: Trainable families: family -> setup builder. Families without an entry have nothing to train.
+TRAINABLE: dict[str, Callable[[ExperimentConfig], TrainingSetup]] = {"graph": _graph_setup}
+
+
+def _precision(training: TrainingConfig) -> str:
+    if training.precision != "auto":
+        return training.precision
+    gpu = training.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def _loggers(out: Path) -> list[Logger]:
+    """CSV logs always; TensorBoard logs too when tensorboard (or tensorboardX) is installed."""
+    loggers: list[Logger] = [CSVLogger(save_dir=out, name="logs")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(save_dir=out, name="tensorboard", default_hp_metric=False))
+    return loggers
+
+
+@contextmanager
+def _lightning_messages(show: bool) -> Iterator[None]:
+    """Lightning's informational messages (devices, tips) only when progress is shown."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    if not show:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def train(
+    config: ExperimentConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the model of ``config`` (see the module docstring); returns where everything went.
+
+    ``max_steps`` stops the run after that many optimiser steps in all (the learning-rate schedule still
+    spans ``training.max_steps``), so a run can be split into pieces continued with ``resume``.
+
+    Raises ConfigError for a missing section, an untrainable family or a changed config on resume;
+    ForecastingError when the run directory exists (without ``resume`` or ``overwrite``) or there is
+    nothing to resume; SchemaError/StoreError for bad stores, variables, regions or periods. Nothing is
+    written before all of these checks pass.
+    """
+    for section in ("model", "data", "training"):
+        if getattr(config, section) is None:
+            raise ConfigError(f"training needs a '{section}' section in the config")
+    training = config.training
+    assert training is not None and config.model is not None
+    family = config.model.family
+    if family not in TRAINABLE:
+        raise ConfigError(f"model family {family!r} has nothing to train; trainable families: {sorted(TRAINABLE)}")
+    stop = training.max_steps if max_steps is None else int(max_steps)
+    if stop < 1:
+        raise ConfigError(f"max_steps must be >= 1; found {stop}")
+    out = Path(out_dir or training.out_dir or Path("runs") / config.name)
+    resolved = config.model_dump(mode="json")
+    last = out / LAST_CHECKPOINT
+    # Under DDP every process runs this function (torchrun, SLURM, or Lightning re-running the command
+    # for ranks > 0); only rank 0 checks, clears and creates the run directory.
+    manager = rank_zero_only.rank == 0
+    if resume:
+        if not last.is_file():
+            raise ForecastingError(f"nothing to resume: {last} does not exist")
+        saved = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else None
+        if saved != resolved:
+            raise ConfigError(
+                f"the config differs from the one the run in {out} was started with ({out / 'config.json'}); "
+                "resume with the same config, or start a new run with --out"
+            )
+    elif manager and out.exists() and any(out.iterdir()) and not overwrite:
+        raise ForecastingError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to start again")
+
+    seed_everything(training.seed, verbose=False)
+    setup = TRAINABLE[family](config)
+
+    if manager and not resume:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        (out / "graph_summary.json").write_text(json.dumps(setup.summary, indent=2))
+
+    module = ForecastModule(
+        setup.model,
+        setup.objective,
+        learning_rate=training.learning_rate,
+        min_learning_rate=training.min_learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_steps,
+        max_steps=training.max_steps,
+        rollout=[(stage.at_step, stage.steps) for stage in training.rollout],
+        val_rollout_steps=setup.val_rollout_steps,
+        seed=training.seed,
+    )
+    data = ForecastDataModule(
+        setup.train, setup.val, batch_size=training.batch_size, num_workers=training.num_workers,
+        seed=training.seed, val_batches=training.val_batches,
+    )
+    checkpointing = ModelCheckpoint(
+        dirpath=out / LAST_CHECKPOINT.parent, every_n_train_steps=training.checkpoint_every, save_last=True,
+        save_top_k=0,
+    )
+    with warnings.catch_warnings(), _lightning_messages(progress):
+        # Lightning's advice about worker processes: num_workers is a config choice (0 on small CPU runs).
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        # lightning 2.6 uses torch's LeafSpec, which torch 2.13 deprecates: noise, not a problem of the run.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+        trainer = L.Trainer(
+            accelerator=training.accelerator,
+            devices=training.devices,
+            num_nodes=training.num_nodes,
+            strategy=training.strategy,
+            precision=_precision(training),
+            max_steps=stop,
+            max_epochs=-1,
+            gradient_clip_val=training.gradient_clip,
+            val_check_interval=training.val_every,
+            check_val_every_n_epoch=None,
+            limit_val_batches=training.val_batches if setup.val is not None else 0,
+            num_sanity_val_steps=0,
+            log_every_n_steps=training.log_every,
+            enable_progress_bar=progress,
+            enable_model_summary=progress,
+            logger=_loggers(out),
+            # TQDM counts steps of the endless training stream sensibly (the rich bar shows an epoch "-2").
+            callbacks=[checkpointing, LearningRateMonitor(logging_interval="step"),
+                       *([TQDMProgressBar()] if progress else [])],
+            use_distributed_sampler=False,
+            default_root_dir=out,
+        )
+        # last.ckpt is Lightning's own format (optimiser, loops, callbacks), written by this run: trusted. The
+        # model checkpoint for inference (model.pt) is the pickle-free format of training.checkpoint.
+        trainer.fit(module, datamodule=data, ckpt_path=last if resume else None, weights_only=False)
+        trainer.save_checkpoint(last, weights_only=False)
+    model_path = out / MODEL_FILE
+    if trainer.is_global_zero:
+        setup.export(model_path, {"global_step": int(trainer.global_step), "run_dir": str(out)})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return TrainResult(out, model_path, last, int(trainer.global_step), metrics)
