@@ -228,11 +228,16 @@ def describe_store(path: str | Path, *, as_json: bool = False) -> str:
     info = store_mod.store_info(path)
     if as_json:
         return json.dumps(info, indent=2, default=str)
-    lines = [f"store {path}"]
-    for key, value in info.items():
-        if key == "statistics":
-            continue
-        lines.append(f"  {key}: {value}")
+    lines = [f"store {path}", f"  kind: {info.get('kind')}, format version {info.get('format_version')}",
+             f"  dims: {info.get('dims')}"]
+    for name, var in info.get("variables", {}).items():
+        lines.append(f"  {name}: {tuple(var.get('dims', ()))} {var.get('units', '')}, chunks {var.get('chunks')}")
+    if info.get("time"):
+        lines.append(f"  time: {info['time']}")
+    attrs = info.get("attrs", {})
+    for key in ("source", "train_period", "time_step", "created", "forecasting_version"):
+        if key in attrs:
+            lines.append(f"  {key}: {attrs[key]}")
     stats = info.get("statistics")
     if stats:
         lines.append("  statistics (training period):")
