@@ -23,8 +23,11 @@ K = |v|^2 / 2 (a = 6.371e6 m, Omega = 7.292e-5 s-1, g = 9.80616 m s-2)::
   one Gaussian jet per hemisphere whose speed and latitude follow the seasons (strongest and furthest
   equatorward in each hemisphere's winter), as for the balanced jet of Galewsky et al. (2004, Tellus 56A).
   The zonal mean (m = 0) relaxes fast (``relaxation_days`` = 1) and the eddies slowly
-  (``eddy_relaxation_days`` = 30): relaxing the eddies as fast damps them so much that the flow settles
-  into steady or periodic waves (measured: twin errors did not grow). Rayleigh drag tau_d = 30 days.
+  (``eddy_relaxation_days`` = 30); Rayleigh drag tau_d = 30 days. The equilibrium jets are strong and
+  narrow (72 +- 15 m/s, e-folding half-width 5 degrees) so that they stay barotropically unstable. With
+  broad jets, or with eddies relaxed and dragged in a few days, the flow settled into steady or
+  periodic waves (twin errors did not grow); with these settings the T85 twin-error doubling time is
+  about 3.5 days and the realised zonal-mean winds are 24-38 m/s.
 * S: synoptic stirring, a vorticity source in spherical-harmonic degrees 10-16, red in time (AR(1),
   e-folding 2 days, drawn every 6 h and interpolated linearly), confined to Gaussian latitude bands on
   the equilibrium jets. A single layer has no baroclinic instability; the stirring stands in for the
@@ -176,7 +179,8 @@ class SimulationSettings:
     Run: ``years`` of 6-hourly output after ``spinup_days`` of spin-up; ``seed`` drives the initial
     perturbation, the stirring, the orography's hills and the stations; the grid is ``nlat`` x ``nlon``
     (nlat a multiple of 32, nlon = 2 nlat); ``num_threads`` torch threads (part of the settings because
-    bitwise results are only guaranteed for a fixed thread count).
+    bitwise results are only guaranteed for a fixed thread count; use 1 on a machine shared with other
+    busy processes: two OpenMP threads then wait on each other and run several times slower).
 
     Numerics: ``timestep_minutes`` (must divide 6 h; None: 12 min at nlat 128, scaled with the grid
     spacing; advection-limited, stable for winds up to about 90 m/s), hyperdiffusion
@@ -376,6 +380,7 @@ class _SphericalHarmonicTransform:
         self.nlat = 2 * self.nhalf
         self.m = mmax + 1
         self.j = lmax + 1 + (lmax + 1) % 2
+        self._buffers: dict[int, torch.Tensor] = {}
         legendre = legpoly(self.m, lmax + 1, mu_north.to(torch.float64), norm="ortho", csphase=False)  # (M, L, K/2)
         table = torch.zeros(self.m, self.j, self.nhalf, dtype=torch.float64)
         for m in range(self.m):
@@ -391,9 +396,9 @@ class _SphericalHarmonicTransform:
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         """Grid (field, lat, lon) real -> coefficients (m, j, field) complex."""
         nfield = grid.shape[0]
-        coeff = torch.fft.rfft(grid, dim=-1, norm="forward")[..., : self.m]  # (B, K, M)
-        coeff = torch.view_as_real(coeff.permute(2, 1, 0).contiguous()).reshape(self.m, self.nlat, 2 * nfield)
-        north, south = coeff[:, : self.nhalf], coeff[:, self.nhalf :]
+        coeff = torch.fft.rfft(grid, dim=-1, norm="forward")[..., : self.m].permute(2, 1, 0).contiguous()  # (M, K, B)
+        real = torch.view_as_real(coeff).view(self.m, self.nlat, 2 * nfield)
+        north, south = real[:, : self.nhalf], real[:, self.nhalf :]
         spec = torch.stack(
             (torch.bmm(self._forward_even, north + south), torch.bmm(self._forward_odd, north - south)), dim=2
         )  # (M, J/2, 2, 2B)
@@ -405,11 +410,19 @@ class _SphericalHarmonicTransform:
         real = torch.view_as_real(spec).reshape(self.m, self.j, 2 * nfield)
         symmetric = torch.bmm(self._inverse_even, real[:, 0::2])  # (M, K/2, 2B)
         antisymmetric = torch.bmm(self._inverse_odd, real[:, 1::2])
-        coeff = torch.empty(self.m, self.nlat, 2 * nfield, dtype=real.dtype)
-        torch.add(symmetric, antisymmetric, out=coeff[:, : self.nhalf])
-        torch.sub(symmetric, antisymmetric, out=coeff[:, self.nhalf :])
-        coeff = torch.view_as_complex(coeff.view(self.m, self.nlat, nfield, 2)).permute(2, 1, 0)  # (B, K, M)
-        return torch.fft.irfft(coeff, n=self.nlon, dim=-1, norm="forward")
+        fourier = torch.empty(self.m, self.nlat, 2 * nfield, dtype=real.dtype)
+        torch.add(symmetric, antisymmetric, out=fourier[:, : self.nhalf])
+        torch.sub(symmetric, antisymmetric, out=fourier[:, self.nhalf :])
+        # into a zero-padded (B, K, nlon/2 + 1) buffer: irfft is several times slower padding a short input itself
+        padded = self._fourier_buffer(nfield)
+        padded[..., : self.m] = torch.view_as_complex(fourier.view(self.m, self.nlat, nfield, 2)).permute(2, 1, 0)
+        return torch.fft.irfft(padded, n=self.nlon, dim=-1, norm="forward")
+
+    def _fourier_buffer(self, nfield: int) -> torch.Tensor:
+        """A zeroed (nfield, nlat, nlon/2 + 1) complex buffer, reused: only orders m <= mmax are written."""
+        if nfield not in self._buffers:
+            self._buffers[nfield] = torch.zeros(nfield, self.nlat, self.nlon // 2 + 1, dtype=torch.complex128)
+        return self._buffers[nfield]
 
 
 def _gaussian_mu_north(nlat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -654,22 +667,20 @@ class _ShallowWaterModel:
         transform_mask = (n <= ntrunc + 1).to(torch.float64)
         eps = torch.sqrt(torch.clamp(n**2 - m**2, min=0.0) / (4.0 * n**2 - 1.0))  # eps_n^m, 0 at n = m
         eps_next = torch.sqrt(((n + 1) ** 2 - m**2) / (4.0 * (n + 1) ** 2 - 1.0))
-        # (1 - mu^2) d/dmu on coefficients (inverse side) and its adjoint (forward side), both divided by a
-        # operators are stored as complex tensors: multiplying complex by real would convert on every call
+        # (1 - mu^2) d/dmu on coefficients (inverse side) and its adjoint (forward side), both divided by a.
+        # Operators used every step are complex tensors: complex x real-typed multiplies convert every time.
         self._d_lower = _complex(-(n - 1) * eps * transform_mask / a)[:, 1:]
         self._d_upper = _complex((n + 2) * eps_next * transform_mask / a)[:, :-1]
         self._e_lower = _complex((n + 1) * eps * self._state_mask / a)[:, 1:]
         self._e_upper = _complex(-n * eps_next * self._state_mask / a)[:, :-1]
         self._im = 1j * _complex(m) / a
-        lap = -n * (n + 1) / a**2
-        self._lap = _complex(lap)
-        self._invlap = _complex(torch.where(n > 0, -(a**2) / (n * (n + 1)).clamp(min=1.0), torch.zeros_like(n)))
+        self._lap = -n * (n + 1) / a**2
+        self._invlap = torch.where(n > 0, -(a**2) / (n * (n + 1)).clamp(min=1.0), torch.zeros_like(n))
 
         hyper = (n * (n + 1) / (ntrunc * (ntrunc + 1))) ** settings.hyperdiffusion_order / (
             settings.hyperdiffusion_hours * 3600.0
         )
         self._hyper = hyper
-        self._lap_real = lap
         self._drag = 1.0 / (settings.drag_days * SECONDS_PER_DAY)
         # the zonal mean (m = 0) and the eddies (m > 0) of the free surface relax on separate time scales
         self._relax = torch.where(
@@ -684,10 +695,9 @@ class _ShallowWaterModel:
         self._coriolis = 2.0 * OMEGA * mu_grid
         self._inv_cos2 = 1.0 / (1.0 - mu_grid**2)
         self._regular_inv_coslat = 1.0 / regular_coslat[:, None]
-        self._to_potentials = torch.cat(
-            (self._invlap, self._invlap, torch.zeros_like(self._invlap), torch.ones_like(self._invlap)), dim=-1
-        )
-        self._half_lap = 0.5 * self._lap[..., 0]
+        potentials = (self._invlap, self._invlap, torch.zeros_like(self._invlap), torch.ones_like(self._invlap))
+        self._to_potentials = _complex(torch.cat(potentials, dim=-1))
+        self._half_lap = _complex(0.5 * self._lap[..., 0])
         self._orography_forcing = -self._lap[..., 0] * world.surface_geopotential_spec  # -lap Phi_s in d delta/dt
         self._forward_input = torch.empty(6, gaussian.nlat, gaussian.nlon, dtype=torch.float64)
         self._mean_offset = settings.reference_geopotential * math.sqrt(4.0 * math.pi)
@@ -706,7 +716,7 @@ class _ShallowWaterModel:
         """
         mask = self._state_mask[..., 0]
         hyper = self._hyper[..., 0]
-        lap = self._lap_real[..., 0]
+        lap = self._lap[..., 0]
         a = 1.0 + dt2 * (self._drag + hyper)
         b = 1.0 + dt2 * (self._relax + hyper)
         c = 0.5 * dt2 * lap
@@ -715,12 +725,12 @@ class _ShallowWaterModel:
         diagonal = torch.stack(
             (mask / a, mask * b / det, mask * a / det, mask / (1.0 + dt2 * (self._relax_tracer + hyper))), dim=-1
         )
+        coupling = torch.stack((-mask * c / det, -mask * d / det), dim=-1)  # delta <- r_Phi, Phi' <- r_delta
+        explicit_coupling = torch.stack((-c, -d), dim=-1)  # r_delta -= c Phi'(n-1), r_Phi -= d delta(n-1)
         return {
             "diagonal": _complex(diagonal),
-            "coupling": _complex(
-                torch.stack((-mask * c / det, -mask * d / det), dim=-1)
-            ),  # delta <- r_Phi, Phi' <- r_delta
-            "explicit_coupling": _complex(torch.stack((c, d), dim=-1)),  # r_delta -= c Phi'(n-1), r_Phi -= d delta(n-1)
+            "coupling": _complex(coupling),
+            "explicit_coupling": _complex(explicit_coupling),
         }
 
     def set_forcing(self, time_seconds: float) -> None:
@@ -795,10 +805,10 @@ class _ShallowWaterModel:
     # -- dynamics ------------------------------------------------------------------------------
     @staticmethod
     def _couple(c: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-        """(Xc)_l = lower_l c_{l-1} + upper_l c_{l+1} on (m, j, field) coefficients (j = l - m)."""
+        """(Xc)_n = lower_n c_{n-1} + upper_n c_{n+1} on complex (m, j, field) coefficients (j = n - m)."""
         out = torch.zeros_like(c)
-        out[:, 1:] = lower * c[:, :-1]
-        out[:, :-1] += upper * c[:, 1:]
+        torch.mul(c[:, :-1], lower, out=out[:, 1:])
+        out[:, :-1].addcmul_(c[:, 1:], upper)
         return out
 
     def _winds(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -844,9 +854,9 @@ class _ShallowWaterModel:
         implicit = self._implicit[dt2]
         rhs = torch.add(old, self._tendencies(self.now).add_(forcing), alpha=dt2)
         # gravity-wave terms at n-1: -dt lap Phi'(n-1) for delta, -dt Phi_ref delta(n-1) for Phi'
-        rhs[..., 1:3] -= implicit["explicit_coupling"] * old[..., 1:3].flip(-1)
-        new = implicit["diagonal"] * rhs
-        new[..., 1:3] += implicit["coupling"] * rhs[..., 1:3].flip(-1)
+        rhs[..., 1:3].addcmul_(old[..., 1:3].flip(-1), implicit["explicit_coupling"])
+        new = rhs * implicit["diagonal"]
+        new[..., 1:3].addcmul_(rhs[..., 1:3].flip(-1), implicit["coupling"])
         if start:
             self.prev, self.now = self.now, new
         else:
