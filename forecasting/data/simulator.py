@@ -38,7 +38,8 @@ K = |v|^2 / 2 (a = 6.371e6 m, Omega = 7.292e-5 s-1, g = 9.80616 m s-2)::
   free surface and the tracer's departure from equilibrium, so orography and coastlines stay sharp in the
   tracer where they are resolved.
 * Tracer T (output as ``2m_temperature``): advected and relaxed (tau_T = 4 days) towards
-  T_eq = T_0 - dT_y sin^2(lat - s(t) dlat_s) + s(t) sin(lat) A(lsm) - Gamma h_s, with s(t) = +1 in
+  T_eq = T_0 - dT_y |sin(lat - s(t) dlat_s)|^3 + s(t) sin(lat) A(lsm) - Gamma h_s (at equinox 295, 284,
+  270 and 258 K at 30, 45, 60 and 75 degrees, roughly Earth's annual zonal means), with s(t) = +1 in
   NH summer (peak on day ``temperature_peak_day``) and -1 six months later, a seasonal amplitude A that is
   larger over land, and the lapse rate Gamma = 6.5 K/km (ICAO standard atmosphere). The fast diurnal cycle
   (amplitude 5 K over land, 0.5 K over sea, peak at 15 local solar time, scaled by
@@ -199,7 +200,7 @@ class SimulationSettings:
     perturbation of rms ``perturbation_vorticity`` (s-1) in degrees 8-40; ``orography_scale`` multiplies
     the synthetic orography.
 
-    Tracer (K): ``t_equator`` minus ``t_equator_to_pole`` sin^2(lat) at equinox, thermal-equator shift of
+    Tracer (K): ``t_equator`` minus ``t_equator_to_pole`` |sin(lat)|^3 at equinox, thermal-equator shift of
     ``thermal_equator_shift_deg`` to the summer hemisphere, seasonal amplitude ``seasonal_amplitude_land``
     / ``seasonal_amplitude_sea`` times sin(lat), peak on ``temperature_peak_day`` (day of year),
     relaxation ``tracer_relaxation_days``, lapse rate ``lapse_rate`` (K/m), diurnal amplitude
@@ -216,7 +217,7 @@ class SimulationSettings:
     nlat: int = 128
     nlon: int = 256
     n_stations: int = 100
-    num_threads: int = 2
+    num_threads: int = 1
     # numerics
     timestep_minutes: float | None = None
     hyperdiffusion_order: int = 4
@@ -242,10 +243,10 @@ class SimulationSettings:
     orography_scale: float = 1.0
     # tracer
     t_equator: float = 300.5
-    t_equator_to_pole: float = 52.0
+    t_equator_to_pole: float = 47.0
     thermal_equator_shift_deg: float = 5.0
-    seasonal_amplitude_land: float = 12.0
-    seasonal_amplitude_sea: float = 2.5
+    seasonal_amplitude_land: float = 14.0
+    seasonal_amplitude_sea: float = 3.0
     temperature_peak_day: float = 200.0
     tracer_relaxation_days: float = 4.0
     lapse_rate: float = 6.5e-3
@@ -593,7 +594,7 @@ def equilibrium_temperature(
     )
     return (
         settings.t_equator
-        - settings.t_equator_to_pole * np.sin(shifted) ** 2
+        - settings.t_equator_to_pole * np.abs(np.sin(shifted)) ** 3
         + s * amplitude * np.sin(lat)
         - settings.lapse_rate * height
     )
