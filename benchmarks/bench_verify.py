@@ -27,15 +27,16 @@ and outside the measured subprocess:
 
 One JSON line per size: ``seconds`` is the median wall time of ``runs`` runs (3 when the first takes
 less than ``--repeat-below`` seconds, else 1), ``cpu_seconds`` the median CPU time of the process (all
-threads; steadier than wall time on a shared machine), ``peak_rss_mb`` the median peak. ``--quick`` is a smoke run
-(23 and 46 starts, 10 leads; about 3 minutes). ``--starts``/``--leads`` pick other sizes. Usage::
+threads; steadier than wall time on a shared machine), ``peak_rss_mb`` the median peak, ``check`` a few
+scores at the longest lead. ``--quick`` is a smoke run (23 and 46 starts, 10 leads; about 3 minutes);
+``--starts``/``--leads`` pick other sizes. Usage::
 
     python benchmarks/bench_verify.py [--quick] [--starts N ...] [--leads L] [--cache DIR] [--repeat-below 60]
 
 On the shared 2-core machine the full mode takes about 4 minutes to build its inputs the first time
-(2.9 GB of forecasts in the cache) and then 15 to 20 minutes, each size run once (one start costs
-about 1.3 CPU-seconds, so the 365-start run alone is 8 to 11 minutes). A single measured run, e.g. for
-a profiler (``py-spy record -- python benchmarks/bench_verify.py --worker --starts 92``), is
+(2.9 GB of forecasts in the cache), then 15 to 20 minutes with each size run once: one start costs
+1.3 to 1.9 s, so the 365-start run alone takes 8 to 12 minutes. A single measured run, e.g. for a
+profiler (``py-spy record -- python benchmarks/bench_verify.py --worker --starts 92``), is
 ``--worker`` with one ``--starts`` on inputs already in the cache.
 """
 
