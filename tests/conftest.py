@@ -48,3 +48,14 @@ def make_canonical_dataset(
 @pytest.fixture
 def canonical_dataset() -> xr.Dataset:
     return make_canonical_dataset()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: its models are tiny and the test machine is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
