@@ -36,7 +36,6 @@ from forecasting import __version__
 from forecasting.errors import SchemaError, SourceError, StoreError
 from forecasting.schema import (
     LEAD,
-    MEMBER,
     TIME,
     VALID_TIME,
     analysis_as_forecast,

@@ -18,6 +18,7 @@ import xarray as xr
 
 from forecasting.config import SimulationConfig, load_config
 from forecasting.data.builtin import run_simulation
+from forecasting.data.store import store_train_period
 from forecasting.data.ingest import describe_store, ingest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,7 @@ def _baselines_and_verify(workdir: Path, *, grid: str, fast: bool, overwrite: bo
     starts = test_starts(store, lead_days=steps / 4)
     truth = open_truth(store)
     leads = pd.to_timedelta([6 * (i + 1) for i in range(steps)], unit="h")
-    period = _store_train_period(store)
+    period = store_train_period(store)
     forecasts = {}
     # a climatology needs about a year of record: the 30-day --fast run verifies persistence alone
     kinds = ("persistence",) if fast else ("persistence", "climatology")
@@ -122,16 +123,6 @@ def _baselines_and_verify(workdir: Path, *, grid: str, fast: bool, overwrite: bo
     verify(forecasts[model], out_dir=out, truth_path=store, observations_path=workdir / "stations.zarr",
            reference=reference, regions=regions, n_resamples=500, overwrite=True, plots=True)
     return out
-
-
-def _store_train_period(store: Path) -> tuple[str, str] | None:
-    import json
-
-    with xr.open_zarr(store) as ds:
-        period = ds.attrs.get("train_period")
-    if isinstance(period, str):
-        period = json.loads(period)
-    return (str(period[0]), str(period[1])) if period else None
 
 
 def _write_report(path: Path, *, config, train, stores, descriptions, timings, verifications) -> None:

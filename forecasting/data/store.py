@@ -30,6 +30,7 @@ same format, with ``kind = "observations"`` and no statistics.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -571,6 +572,23 @@ def _plain(attrs: dict[str, object]) -> dict[str, object]:
     return out
 
 
+def store_train_period(store: str | Path) -> tuple[str, str] | None:
+    """The training period recorded in a store's attributes, or None when it has none (or is unreadable)."""
+    try:
+        attrs = xr.open_zarr(store, consolidated=None).attrs
+    except (FileNotFoundError, ValueError, KeyError, OSError):
+        return None
+    period = attrs.get("train_period")
+    if isinstance(period, str):
+        try:
+            period = json.loads(period)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(period, list | tuple) and len(period) == 2 and all(period):
+        return (str(period[0]), str(period[1]))
+    return None
+
+
 __all__ = [
     "STORE_FORMAT_VERSION",
     "TARGET_CHUNK_BYTES",
@@ -578,6 +596,8 @@ __all__ = [
     "open_store",
     "read_statistics",
     "store_info",
+    "store_train_period",
     "write_observation_store",
     "write_store",
 ]
+

@@ -17,7 +17,6 @@ directory and renamed into place at the end):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -30,6 +29,7 @@ import pandas as pd
 import xarray as xr
 
 from forecasting.errors import SchemaError, SourceError, StoreError
+from forecasting.data.store import store_train_period
 from forecasting.inference import baseline_forecast, climatology_with_fallback, open_forecast
 from forecasting.schema import LEAD, LEVEL, MEMBER, TIME, VALID_TIME
 from forecasting.verification.gridded import (
@@ -184,7 +184,7 @@ def verify(
     clim_fn = None
     train_period = None
     if truth is not None:
-        train_period = _train_period(truth_path)
+        train_period = store_train_period(truth_path)
         clim_fn = _ClimatologyForecaster(truth, train_period)
 
     models: dict[str, xr.Dataset] = {name: forecast}
@@ -280,22 +280,6 @@ class _ClimatologyForecaster:
                 self.unavailable = str(exc)
                 return None
         return climatology_forecast(self._clim, init_times=init_times, leads=leads)
-
-
-def _train_period(store: str | Path) -> tuple[str, str] | None:
-    try:
-        attrs = xr.open_zarr(store, consolidated=None).attrs
-    except (FileNotFoundError, ValueError, KeyError, OSError):
-        return None
-    period = attrs.get("train_period")
-    if isinstance(period, str):
-        try:
-            period = json.loads(period)
-        except json.JSONDecodeError:
-            return None
-    if isinstance(period, list | tuple) and len(period) == 2 and all(period):
-        return (str(period[0]), str(period[1]))
-    return None
 
 
 def _combine_models(parts: Mapping[str, list[xr.DataArray]]) -> xr.Dataset:
