@@ -194,6 +194,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote forecast {out}: {len(starts)} start times x {args.steps} leads x {args.members} members")
 
 
+def _cmd_regrid(args: argparse.Namespace) -> None:
+    from forecasting.inference import regrid_forecast
+
+    out = regrid_forecast(args.forecast, like=args.like, out=args.out, overwrite=args.overwrite)
+    print(f"wrote {out}: {args.forecast} interpolated (bilinear) onto the grid of {args.like}")
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> None:
     from forecasting.quickstart import run_quickstart
 
@@ -345,6 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default %(default)s; e.g. cuda)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "regrid",
+        help="interpolate a forecast onto another store's grid (bilinear)",
+        description="Interpolate the forecast F.zarr (bilinear; periodic in longitude for global grids) onto the "
+        "latitude-longitude grid of STORE.zarr and write it to OUT.zarr in the same forecast layout: e.g. a coarse "
+        "global model on the fine regional grid, as the reference a regional product is verified against.",
+    )
+    p.add_argument("forecast", metavar="F.zarr", help="forecast Zarr (a group such as F.zarr/global for a stretched-grid model)")
+    p.add_argument("--like", required=True, metavar="STORE.zarr", help="store whose latitude/longitude grid to interpolate onto")
+    p.add_argument("--out", required=True, metavar="OUT.zarr", help="output forecast Zarr")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_regrid)
 
     p = sub.add_parser("stats", help="print a store's contents and normalisation statistics",
                        description="Print the variables, time axis, chunks and statistics of STORE.zarr.")

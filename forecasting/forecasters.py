@@ -65,6 +65,8 @@ from forecasting.data.torch_dataset import FORCING_NAMES, time_forcings
 from forecasting.errors import SchemaError
 from forecasting.graphs import ForecastGraph, Region, build_forecast_graph, lat_lon_to_xyz
 from forecasting.models import EncodeProcessDecode, graph_tensors
+from forecasting.regrid import COORD_ATOL as _COORD_ATOL
+from forecasting.regrid import bilinear_weights
 from forecasting.schema import LAT, LEAD, LEVEL, LON, MEMBER, TIME, with_valid_time
 from forecasting.verification.baselines import climatology, climatology_forecast, persistence_forecast
 
@@ -96,8 +98,6 @@ __all__ = [
 
 GLOBAL = "global"
 REGIONAL = "regional"
-#: Tolerance in degrees when grid coordinates are compared (float32 files).
-_COORD_ATOL = 1e-4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,55 +471,6 @@ def _fill_from_regional(
         weights = np.concatenate([weights, np.ones(len(lonely))])
     totals = np.bincount(rows, weights=weights, minlength=len(missing))
     return rows, nodes, weights / totals[rows]
-
-
-def bilinear_weights(
-    src_lat: np.ndarray, src_lon: np.ndarray, dst_lat: np.ndarray, dst_lon: np.ndarray, *, source: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear interpolation from a regular lat/lon grid to points.
-
-    ``src_lat``/``src_lon`` ascending (degrees); a grid whose longitudes span the circle (``n * spacing``
-    = 360) wraps around, any other must cover the points' longitudes. Points poleward of the outermost
-    latitudes take the outermost row. Returns ``(index, weight)``, each of shape (P, 4): row-major indices
-    into the flattened ``(H * W)`` source grid and weights summing to 1.
-
-    Raises SchemaError naming ``source`` when a point lies outside a non-global source grid.
-    """
-    src_lat = np.asarray(src_lat, dtype=np.float64)
-    src_lon = np.asarray(src_lon, dtype=np.float64)
-    dst_lat = np.asarray(dst_lat, dtype=np.float64)
-    dst_lon = np.mod(np.asarray(dst_lon, dtype=np.float64), 360.0)
-    height, width = len(src_lat), len(src_lon)
-    spacing = (src_lon[-1] - src_lon[0]) / max(width - 1, 1)
-    periodic = width > 1 and np.isclose(spacing * width, 360.0, atol=1e-3)
-    # Latitude: clamp to the outermost rows.
-    if height > 1:
-        i1 = np.clip(np.searchsorted(src_lat, dst_lat), 1, height - 1)
-        i0 = i1 - 1
-        t = np.clip((dst_lat - src_lat[i0]) / (src_lat[i1] - src_lat[i0]), 0.0, 1.0)
-    else:
-        i0 = i1 = np.zeros(len(dst_lat), dtype=np.int64)
-        t = np.zeros(len(dst_lat))
-    if periodic:
-        x = np.mod(dst_lon - src_lon[0], 360.0) + src_lon[0]
-        extended = np.append(src_lon, src_lon[0] + 360.0)
-        j1 = np.clip(np.searchsorted(extended, x), 1, width)
-        j0 = j1 - 1
-        u = (x - extended[j0]) / (extended[j1] - extended[j0])
-        j1 = j1 % width
-    else:
-        outside = (dst_lon < src_lon[0] - _COORD_ATOL) | (dst_lon > src_lon[-1] + _COORD_ATOL)
-        if np.any(outside):
-            raise SchemaError(
-                f"{source}: longitudes {src_lon[0]:g}..{src_lon[-1]:g} do not cover the points to interpolate "
-                f"to (e.g. {dst_lon[outside][:3].tolist()}); give a global dataset or one covering them"
-            )
-        j1 = np.clip(np.searchsorted(src_lon, dst_lon), 1, width - 1)
-        j0 = j1 - 1
-        u = np.clip((dst_lon - src_lon[j0]) / (src_lon[j1] - src_lon[j0]), 0.0, 1.0)
-    index = np.stack([i0 * width + j0, i0 * width + j1, i1 * width + j0, i1 * width + j1], axis=1)
-    weight = np.stack([(1 - t) * (1 - u), (1 - t) * u, t * (1 - u), t * u], axis=1)
-    return index.astype(np.int64), weight
 
 
 def boundary_strip(shape: tuple[int, int], grid_index: np.ndarray, width: int) -> np.ndarray:

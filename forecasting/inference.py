@@ -35,7 +35,9 @@ import zarr
 from forecasting import __version__
 from forecasting.errors import SchemaError, SourceError, StoreError
 from forecasting.schema import (
+    LAT,
     LEAD,
+    LON,
     TIME,
     VALID_TIME,
     analysis_as_forecast,
@@ -109,6 +111,39 @@ def open_forecast(path: str | Path) -> xr.Dataset:
         ds = with_valid_time(ds)
     validate_forecast(ds, source=str(path))
     return ds
+
+
+def regrid_forecast(
+    forecast: str | Path, *, like: str | Path, out: str | Path, overwrite: bool = False
+) -> Path:
+    """The forecast at ``forecast`` bilinearly interpolated onto the grid of the store ``like``, written to ``out``.
+
+    The reference a regional product is judged against: a coarse model "interpolated to the region". Leads,
+    members and start times are kept; the attrs name the source forecast and say it was interpolated
+    (:func:`forecasting.regrid.interpolate`). Raises StoreError when ``out`` exists (without ``overwrite``),
+    SourceError for unreadable inputs and SchemaError when the forecast's grid does not cover ``like``'s;
+    nothing is written on failure.
+    """
+    from forecasting.regrid import interpolate
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise StoreError(f"forecast {out} already exists; pass --overwrite to replace it")
+    source = open_forecast(forecast)
+    try:
+        target = xr.open_zarr(like, consolidated=None)
+    except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+        raise SourceError(f"cannot open target grid store {like}: {exc}") from None
+    for dim in (LAT, LON):
+        if dim not in target.dims:
+            raise SchemaError(f"{like}: no {dim!r} dim to take the target grid from")
+    regridded = interpolate(source, target[LAT].values, target[LON].values, source=str(forecast))
+    model = str(source.attrs.get("model", Path(forecast).stem))
+    config = {"regridded_from": str(forecast), "like": str(like), "method": "bilinear",
+              "source_config_hash": str(source.attrs.get("config_hash", "none"))}
+    write_forecast(regridded, out, model=f"{model} (bilinear)",
+                   checkpoint_hash=str(source.attrs.get("checkpoint_hash", "none")), config=config, overwrite=overwrite)
+    return out
 
 
 def climatology_with_fallback(
