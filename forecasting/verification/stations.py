@@ -429,7 +429,10 @@ def verify_stations(
     station_sums = {name: {k: np.zeros(shape) for k in (*needed, "n")} for name in names}
     start_means: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in names}
     for chunk in _time_chunks(forecast[names], chunk_starts):
-        at_stations = apply_interpolation(chunk, plan).assign_coords(station_coords).compute()
+        # Load the chunk's grid once (valid_time is recomputed from time + lead when matching): interpolating
+        # a lazy chunk would build one dask graph per station weight.
+        chunk = chunk.drop_vars(VALID_TIME, errors="ignore").load()
+        at_stations = apply_interpolation(chunk, plan).assign_coords(station_coords)
         matched = match_valid_times(at_stations, obs, source="observations")
         for name in names:
             members = at_stations[name].transpose(TIME, LEAD, MEMBER, STATION).values.astype(np.float64)
