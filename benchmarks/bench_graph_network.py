@@ -11,7 +11,7 @@ configuration:
 Sizes (``--size``):
 
 * ``quickstart`` (default): the quickstart's data nodes, a 32 x 64 coarse global grid (5.625 degrees) plus
-  the 1.40625-degree regional box lat 45..72, lon 0..40 (19 x 29 points); mesh global level 3 refined to
+  the 1.875-degree regional box lat 45..72, lon 0..40 (14 x 22 points); mesh global level 3 refined to
   level 5 over the box (5-degree margin); inputs 2 steps x 8 state channels + 4 forcings + 2 static = 22,
   outputs 8; batch 4; hidden 64 and 128 x 4 and 8 processor layers; fp32.
 * ``tiny``: a 16 x 32 grid plus a small regional box, mesh level 1 refined to 3, hidden 32, 2 layers: a
@@ -90,7 +90,7 @@ def build_graph(size: str):
         )
     if size == "quickstart":
         lat, lon = _cell_centres(32)
-        fine_lat, fine_lon = _cell_centres(128)
+        fine_lat, fine_lon = _cell_centres(96)  # the quickstart's T63 model grid
         region = Region(45.0, 72.0, 0.0, 40.0)
         return build_forecast_graph(
             coarse_lat=lat, coarse_lon=lon,
