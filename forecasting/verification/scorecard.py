@@ -332,17 +332,26 @@ def scorecard_markdown(scorecard: xr.Dataset, *, decimals: int = 1) -> str:
         f"bootstrap interval ({scorecard.attrs.get('n_resamples', '?')} resamples of start times) excludes 0.",
     ]
     leads = [format_lead(v) for v in scorecard[LEAD].values]
+    skipped = []
     for metric in scorecard["metric"].values:
         for region in scorecard[REGION].values:
             card = scorecard.sel(metric=metric, region=region)
+            # Variables with no finite skill (e.g. not observed at stations, or a metric undefined for the
+            # pair of models) get no row; a table without rows is named at the end instead.
+            variables = [v for v in scorecard["variable"].values if np.isfinite(card.sel(variable=v)["skill"].values).any()]
+            if not variables:
+                skipped.append(f"{metric} ({region})")
+                continue
             lines += ["", f"### {metric} ({region})", ""]
             lines.append("| variable | " + " | ".join(leads) + " |")
             lines.append("|---|" + "---:|" * len(leads))
-            for variable in scorecard["variable"].values:
+            for variable in variables:
                 row = card.sel(variable=variable)
                 cells = [
                     format_skill(float(s), bool(g), decimals=decimals)
                     for s, g in zip(row["skill"].values, row["significant"].values)
                 ]
                 lines.append(f"| {variable} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", f"No skill defined (no data, or the metric is undefined for one of the models): {', '.join(skipped)}."]
     return "\n".join(lines) + "\n"
