@@ -234,7 +234,7 @@ def test_registry_selects_families_and_baselines_match_the_baseline_module(store
                     smoothing_days=731), init_times=STARTS, leads=pd.to_timedelta([6, 12], unit="h"))
     np.testing.assert_allclose(got["2m_temperature"].values, want["2m_temperature"].values)
     with pytest.raises(ConfigError, match="does not match any of the expected tags"):
-        parse_config({"model": {"family": "diffusion"}})
+        parse_config({"model": {"family": "transformer"}})
 
 
 def test_probabilistic_members_differ_and_do_not_depend_on_batching(stores, initial):

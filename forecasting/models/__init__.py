@@ -7,5 +7,6 @@
 
 from forecasting.models.graph_network import EncodeProcessDecode, GraphTensors, graph_tensors
 from forecasting.models.layers import MLP, ConditionalLayerNorm, InteractionNetwork
+from forecasting.models.unet import UNet
 
-__all__ = ["MLP", "ConditionalLayerNorm", "EncodeProcessDecode", "GraphTensors", "InteractionNetwork", "graph_tensors"]
+__all__ = ["MLP", "ConditionalLayerNorm", "EncodeProcessDecode", "GraphTensors", "InteractionNetwork", "UNet", "graph_tensors"]

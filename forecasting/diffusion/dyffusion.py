@@ -1,0 +1,597 @@
+"""The DYffusion family (``model.family: dyffusion``): forecasting as a diffusion process in physical time.
+
+Ruehling Cachay, Zhao, Joren and Yu 2023, "DYffusion: A Dynamics-informed Diffusion Model for Spatiotemporal
+Forecasting" (NeurIPS; arXiv 2306.01984), with the paper's symbols. Over a horizon of ``h`` model steps from
+the state ``x_t``:
+
+* the **interpolator** ``I_phi(x_t, x_{t+h}, i) ~ x_{t+i}`` (``0 < i < h``) plays the forward (corrupting)
+  process; it is *stochastic*: its dropout stays on when forecasting (and while the forecaster trains), so
+  each call draws another plausible intermediate state. Boundary values ``I(x_t, x_{t+h}, 0) = x_t`` and
+  ``I(x_t, x_{t+h}, h) = x_{t+h}`` need no network;
+* the **forecaster** ``F_theta(x_{t+i}, i) ~ x_{t+h}`` plays the reverse (denoising) process; it is
+  conditioned on the initial conditions too (the paper's "data" forward conditioning).
+
+Training (Algorithm 1), both stages in one ``forecast train`` run: first the interpolator alone, ``i ~ U{1 ..
+h-1}``, minimising ``||I_phi(x_t, x_{t+h}, i) - x_{t+i}||^2``; then, with ``I_phi`` frozen, the forecaster,
+``i ~ U{0 .. h-1}``, ``x~_{t+i} = I_phi(x_t, x_{t+h}, i)`` (``x_t`` for ``i = 0``), minimising
+``(1 - w) ||F_theta(x~_{t+i}, i) - x_{t+h}||^2 + w ||F_theta(I_phi(x_t, F_theta(x~_{t+i}, i), i + 1), i + 1) -
+x_{t+h}||^2`` (the second term, for ``i + 1 < h``, is the released code's one-step look-ahead that trains the
+forecaster on its own predictions; ``w`` is ``lookahead_weight``; the code uses 0.5/0.5). The stage of a step
+comes from the network's step counter ``trained_steps`` (a persistent buffer, so ``--resume`` continues in the
+right stage); entering stage 2 switches off the interpolator's gradients, and re-freezes it on every later
+step (a resumed run rebuilds the module with gradients on). The learning-rate schedule spans the whole run.
+
+Sampling is the paper's cold sampling (Algorithm 2) on a schedule ``0 = i_0 < i_1 < ... < i_{N-1} < i_N = h``:
+
+    s^(0) = x_t;   for n = 0 .. N-1:
+        x^_{t+h} = F_theta(s^(n), i_n)
+        s^(n+1)  = I_phi(x_t, x^_{t+h}, i_{n+1}) - I_phi(x_t, x^_{t+h}, i_n) + s^(n)
+
+and ``s^(n)`` is the forecast for lead ``i_n``, so every whole step ``1 .. h`` comes out of one pass "for
+free"; ``s^(N)`` is the lead-``h`` state. The schedule holds the whole steps ``0 .. h-1`` and
+``sampling_steps - h`` extra times evenly in ``(0, 1)`` (the paper's additional interpolation steps ``k``,
+which the interpolator, trained on whole steps, meets only here); one pass costs ``N`` forecaster and
+``2N - 2`` interpolator evaluations (:func:`network_evaluations`). Forecasts beyond ``h`` chain passes, each
+starting from the last pass's states.
+
+Units and inputs: states are normalised with the store's statistics, ``n = (x - mean) / std``. The
+interpolator predicts a departure from linear interpolation in tendency-std units, ``I = n_t + (i / h)
+(n_{t+h} - n_t) + R tendency_std / std``, and the forecaster a change from its input in ``sqrt(h)``
+tendency-std units (the random-walk scale of ``h`` steps), ``F = n_{t+i} + sqrt(h) R' tendency_std / std``;
+losses are measured in tendency-std units, weighted by cell area and channel. Both networks are
+:class:`~forecasting.models.UNet` (circular in longitude on the global grid) conditioned on the lead ``i``
+in hours, and see the ``input_steps`` states ending at ``x_t``, the time forcings of those times, of
+``t + i`` and of ``t + h``, the static fields and ``sin``/``cos`` of latitude.
+
+Randomness: dropout draws from torch's global generator, seeded for each batch of ``member_batch`` samples
+and pass from ``(seed, the batch's first start time and member, its size, the pass)``; forecasts repeat
+exactly for the same seed and batching (unlike the Gaussian families, a member depends on the batch it was
+drawn in).
+
+:class:`DYffusion` is the torch side (normalised tensors only); :class:`DYffusionForecaster` the
+:class:`~forecasting.forecasters.Forecaster` (it shares the one-grid plumbing of
+:class:`~forecasting.diffusion.conditional.DiffusionForecaster`: stores, checkpoints, input checks);
+:class:`DYffusionObjective` and :func:`dyffusion_training_setup` plug the family into ``forecast train``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from forecasting.config import ConfigError, DYffusionModelConfig, ExperimentConfig, parse_config
+from forecasting.data.store import read_statistics
+from forecasting.data.torch_dataset import FORCING_NAMES, _normalised, time_forcings
+from forecasting.diffusion.conditional import DiffusionForecaster
+from forecasting.errors import SchemaError
+from forecasting.forecasters import GLOBAL, Channels, LeadChunk, Normalisation
+from forecasting.models import UNet
+from forecasting.schema import LAT, LON, TIME
+from forecasting.weights import latitude_weights
+
+if TYPE_CHECKING:
+    from forecasting.training.checkpoint import Checkpoint
+    from forecasting.training.train import TrainingSetup
+
+__all__ = [
+    "DYffusion",
+    "DYffusionForecaster",
+    "DYffusionObjective",
+    "dyffusion_training_setup",
+    "network_evaluations",
+    "sampling_schedule",
+]
+
+
+def sampling_schedule(horizon: int, steps: int) -> list[float]:
+    """Interpolation times ``[i_0 = 0, ..., i_{N-1}]`` (``i_N = horizon`` is implied) of ``steps = N`` sampling
+    steps: the whole steps ``0 .. horizon-1`` and ``steps - horizon`` extra times evenly in (0, 1)."""
+    if horizon < 2 or steps < horizon:
+        raise ValueError(f"need horizon >= 2 and steps >= horizon; found horizon={horizon}, steps={steps}")
+    extra = steps - horizon
+    return [0.0, *[(j + 1) / (extra + 1) for j in range(extra)], *map(float, range(1, horizon))]
+
+
+def network_evaluations(horizon: int, steps: int) -> dict[str, int]:
+    """Network evaluations of one cold-sampling pass of ``steps = N`` steps:
+    ``{"forecaster": N, "interpolator": 2N - 2}``."""
+    n = len(sampling_schedule(horizon, steps))
+    return {"forecaster": n, "interpolator": 2 * n - 2}
+
+
+class DYffusion(nn.Module):
+    """The interpolator and the forecaster of DYffusion on normalised tensors (see the module docstring).
+
+    Shapes: states ``(B, T_in, C, H, W)`` normalised, oldest first (the last is ``x_t``); one state ``(B, C, H,
+    W)``; forcings ``(B, T_in + 2, F, H, W)`` (the input times, ``t + i``, ``t + h``); static ``(B, S, H, W)``;
+    interpolation times ``i`` ``(B,)`` in model steps (float).
+
+    Args:
+        n_channels, n_forcings, n_static, input_steps: C, F, S and T_in.
+        horizon: ``h``, model steps from ``x_t`` to ``x_{t+h}``.
+        step_hours: Hours per model step (the networks are conditioned on ``i`` in hours).
+        latitude: Shape (H,), the grid's latitudes in degrees.
+        residual_scale: Shape (C,), ``std / tendency_std``: a normalised state change times this is in
+            tendency-std units.
+        periodic_lon: The grid goes round the globe (circular padding in longitude).
+        interpolator_dropout: Dropout of the interpolator, active in training and when forecasting.
+        unet: Keyword arguments of :class:`~forecasting.models.UNet` shared by both networks (``base_channels``,
+            ``channel_mult``, ``blocks_per_level``, ``embedding_dim``, ``dropout``: the forecaster's).
+
+    Buffers: ``trained_steps`` (persistent), the optimiser steps trained so far (it sets the training stage).
+    """
+
+    def __init__(
+        self,
+        *,
+        n_channels: int,
+        n_forcings: int,
+        n_static: int,
+        input_steps: int,
+        horizon: int,
+        step_hours: float,
+        latitude: np.ndarray,
+        residual_scale: np.ndarray,
+        periodic_lon: bool,
+        interpolator_dropout: float,
+        unet: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        if horizon < 2 or not step_hours > 0 or not 0 < interpolator_dropout < 1:
+            raise ValueError(
+                "DYffusion needs horizon >= 2, step_hours > 0 and 0 < interpolator_dropout < 1; found "
+                f"{horizon}, {step_hours}, {interpolator_dropout}"
+            )
+        self.n_channels, self.input_steps, self.horizon = n_channels, input_steps, horizon
+        self.step_hours = float(step_hours)
+        scale = np.asarray(residual_scale, dtype=np.float32)
+        if scale.shape != (n_channels,):
+            raise ValueError(f"residual_scale must have shape ({n_channels},); found {scale.shape}")
+        self.register_buffer("residual_scale", torch.from_numpy(scale)[:, None, None], persistent=False)  # (C, 1, 1)
+        phi = np.deg2rad(np.asarray(latitude, dtype=np.float64))
+        features = np.stack([np.sin(phi), np.cos(phi)]).astype(np.float32)[:, :, None]  # (2, H, 1)
+        self.register_buffer("latitude_features", torch.from_numpy(features), persistent=False)
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.int64))
+        self.n_condition = input_steps * n_channels + (input_steps + 2) * n_forcings + n_static + 2
+        sizes = dict(unet)
+        self.forecaster = UNet(
+            n_channels + self.n_condition, n_channels, conditions=("lead_time",), periodic_lon=periodic_lon, **sizes
+        )
+        sizes["dropout"] = interpolator_dropout
+        self.interpolator = UNet(
+            n_channels + self.n_condition, n_channels, conditions=("lead_time",), periodic_lon=periodic_lon, **sizes
+        )
+        self.interpolator.dropout_at_inference = True
+
+    def conditioning(self, states: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
+        """``[states, forcings, static, sin/cos latitude]`` along channels: (B, n_condition, H, W)."""
+        batch, steps, channels, height, width = states.shape
+        if steps != self.input_steps or channels != self.n_channels:
+            raise ValueError(
+                f"states must have shape (B, {self.input_steps}, {self.n_channels}, H, W); found {tuple(states.shape)}"
+            )
+        if forcings.shape[1] != steps + 2:
+            raise ValueError(f"forcings must cover {steps + 2} times in dim 1; found shape {tuple(forcings.shape)}")
+        grid = self.latitude_features.to(states.dtype).expand(batch, -1, -1, width)
+        if grid.shape[2] != height:
+            raise ValueError(f"the model's grid has {grid.shape[2]} latitudes; the states have {height}")
+        return torch.cat(
+            [states.reshape(batch, -1, height, width), forcings.reshape(batch, -1, height, width).to(states.dtype),
+             static.to(states.dtype), grid],
+            dim=1,
+        )
+
+    def _hours(self, i: Tensor, batch: int) -> Tensor:
+        i = torch.as_tensor(i, dtype=torch.float32, device=self.residual_scale.device)
+        if i.shape != (batch,):
+            raise ValueError(f"interpolation times must have shape ({batch},); found {tuple(i.shape)}")
+        return i * self.step_hours
+
+    def interpolate(self, states: Tensor, end: Tensor, i: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
+        """``I_phi(x_t, x_{t+h}, i)``: the state at ``t + i`` (B, C, H, W) between ``x_t = states[:, -1]`` and
+        ``end`` (B, C, H, W); stochastic while :attr:`interpolator` has dropout active."""
+        batch = end.shape[0]
+        hours = self._hours(i, batch)
+        start = states[:, -1]
+        linear = start + (hours / (self.horizon * self.step_hours)).view(batch, 1, 1, 1) * (end - start)
+        inputs = torch.cat([end, self.conditioning(states, forcings, static)], dim=1)
+        return linear + self.interpolator(inputs, lead_time=hours) / self.residual_scale
+
+    def forecast(self, state: Tensor, states: Tensor, i: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
+        """``F_theta(x_{t+i}, i)``: the state at ``t + h`` (B, C, H, W) from ``state`` at ``t + i`` (B, C, H, W),
+        given the initial conditions ``states``."""
+        batch = state.shape[0]
+        inputs = torch.cat([state, self.conditioning(states, forcings, static)], dim=1)
+        change = self.forecaster(inputs, lead_time=self._hours(i, batch))
+        return state + math.sqrt(self.horizon) * change / self.residual_scale
+
+    def cold_sample(
+        self, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor], schedule: Sequence[float]
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Cold sampling (Algorithm 2) from ``states`` over one horizon on ``schedule`` (:func:`sampling_schedule`).
+
+        ``forcings(i)`` returns the forcings (B, T_in + 2, F, H, W) of interpolation time ``i``. Yields
+        ``(j, s)`` for every whole step ``j = 1 .. h`` in order, ``s`` (B, C, H, W) the state at lead ``j``.
+        """
+        increasing = all(a < b for a, b in itertools.pairwise(schedule))
+        if not schedule or schedule[0] != 0 or not increasing or schedule[-1] >= self.horizon:
+            raise ValueError(f"the schedule must start at 0 and increase below the horizon {self.horizon}; found {schedule}")
+        batch = states.shape[0]
+        start = states[:, -1]
+        s = start
+
+        def full(i: float) -> Tensor:
+            return torch.full((batch,), float(i), device=start.device)
+
+        times = [*map(float, schedule), float(self.horizon)]
+        for i_n, i_next in itertools.pairwise(times):
+            estimate = self.forecast(s, states, full(i_n), forcings(i_n), static)  # x^_{t+h}
+            ahead = estimate if i_next == self.horizon else self.interpolate(
+                states, estimate, full(i_next), forcings(i_next), static
+            )
+            here = start if i_n == 0 else self.interpolate(states, estimate, full(i_n), forcings(i_n), static)
+            s = s - here + ahead
+            if float(i_next).is_integer():
+                yield int(i_next), s
+
+
+class DYffusionObjective:
+    """The two-stage DYffusion loss on batches of WindowDataset windows (see the module docstring).
+
+    A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, h, C, H, W) normalised, ``forcings``
+    (B, T_in + h, F, H, W) and ``static`` (B, S, H, W). Steps whose network counter ``trained_steps`` is
+    below ``interpolator_steps`` train the interpolator, later ones the forecaster (interpolator frozen, its
+    states drawn without gradients). Errors are in tendency-std units, weighted by ``area_weights`` (H,) and
+    ``channel_weights`` (C,) (both mean 1). A training call (module in training mode, gradients on) advances
+    ``trained_steps`` by one.
+
+    Metrics besides ``loss``: ``stage`` (1 interpolator, 2 forecaster); ``interpolation_rmse`` in stage 1;
+    ``forecast_rmse`` and, with ``lookahead_weight > 0``, ``lookahead_rmse`` in stage 2.
+    """
+
+    def __init__(
+        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float
+    ) -> None:
+        if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0:
+            raise ValueError(
+                f"need interpolator_steps >= 1 and 0 <= lookahead_weight < 1; found {interpolator_steps}, {lookahead_weight}"
+            )
+        self.area_weights = torch.as_tensor(np.asarray(area_weights, dtype=np.float32))
+        self.channel_weights = torch.as_tensor(np.asarray(channel_weights, dtype=np.float32))
+        self.interpolator_steps = int(interpolator_steps)
+        self.lookahead_weight = float(lookahead_weight)
+
+    def stage(self, model: DYffusion) -> int:
+        """The stage the network's next step trains: 1 (interpolator) or 2 (forecaster)."""
+        return 1 if int(model.trained_steps) < self.interpolator_steps else 2
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, Tensor], *, steps: int, generator: torch.Generator
+    ) -> dict[str, Tensor]:
+        if steps != 1:
+            raise ValueError(f"DYffusion trains on windows of its horizon, without rollouts; asked for {steps} steps")
+        assert isinstance(model, DYffusion)
+        stage = self.stage(model)
+        if model.training and torch.is_grad_enabled():
+            model.trained_steps += 1
+        inputs, targets = batch["inputs"].float(), batch["targets"].float()
+        batch_size, steps_in = inputs.shape[:2]
+        horizon = model.horizon
+        if targets.shape[1] != horizon:
+            raise ValueError(f"a horizon of {horizon} steps needs {horizon} targets; found {targets.shape[1]}")
+        device = inputs.device
+        all_forcings, static = batch["forcings"], batch["static"]
+        rows = torch.arange(batch_size, device=device)
+
+        def forcings(i: Tensor) -> Tensor:  # the input times, t + i and t + h: (B, T_in + 2, F, H, W)
+            return torch.cat([all_forcings[:, :steps_in], all_forcings[rows, steps_in - 1 + i][:, None],
+                              all_forcings[:, -1:]], dim=1)
+
+        weights = self.channel_weights.to(device)[:, None, None] * self.area_weights.to(device)[:, None]  # (C, H, 1)
+
+        def error(prediction: Tensor, truth: Tensor) -> Tensor:  # weighted MSE in tendency-std units
+            return (((prediction - truth) * model.residual_scale) ** 2 * weights).mean()
+
+        metrics: dict[str, Tensor] = {"stage": torch.tensor(float(stage), device=device)}
+        if stage == 1:
+            i = torch.randint(1, horizon, (batch_size,), generator=generator, device=device)
+            interpolated = model.interpolate(inputs, targets[:, -1], i.float(), forcings(i), static)
+            loss = error(interpolated, targets[rows, i - 1])
+            metrics["loss"] = loss
+            metrics["interpolation_rmse"] = loss.detach().sqrt()
+            return metrics
+
+        model.interpolator.requires_grad_(False)
+        end = targets[:, -1]
+        i = torch.randint(0, horizon, (batch_size,), generator=generator, device=device)
+        state = inputs[:, -1].clone()
+        later = i > 0
+        with torch.no_grad():
+            if later.any():
+                state[later] = model.interpolate(
+                    inputs[later], end[later], i[later].float(), forcings(i)[later], static[later]
+                )
+        prediction = model.forecast(state, inputs, i.float(), forcings(i), static)
+        loss = error(prediction, end)
+        metrics["forecast_rmse"] = loss.detach().sqrt()
+        ahead = i < horizon - 1
+        if self.lookahead_weight > 0 and ahead.any():
+            i2 = i[ahead] + 1
+            forcing2 = forcings(i.clamp(max=horizon - 2) + 1)[ahead]
+            state2 = model.interpolate(inputs[ahead], prediction[ahead], i2.float(), forcing2, static[ahead])
+            prediction2 = model.forecast(state2, inputs[ahead], i2.float(), forcing2, static[ahead])
+            lookahead = error(prediction2, end[ahead])
+            metrics["lookahead_rmse"] = lookahead.detach().sqrt()
+            loss = (1.0 - self.lookahead_weight) * loss + self.lookahead_weight * lookahead
+        metrics["loss"] = loss
+        return metrics
+
+
+class DYffusionForecaster(DiffusionForecaster):
+    """The DYffusion forecaster on one grid (see the module docstring).
+
+    Build it with :meth:`from_stores` (untrained) or :meth:`from_checkpoint`. Attributes as for
+    :class:`~forecasting.diffusion.conditional.DiffusionForecaster` (``model_config``, ``channels``, ``static``,
+    ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus ``horizon`` and ``schedule`` (the
+    interpolation times of a sampling pass); ``model`` is a :class:`DYffusion`.
+    """
+
+    family = "dyffusion"
+
+    def __init__(
+        self,
+        *,
+        model_config: DYffusionModelConfig,
+        channels: Channels,
+        static: Channels,
+        normalisation: Normalisation,
+        grid: str,
+        latitude: np.ndarray,
+        longitude: np.ndarray,
+        step: pd.Timedelta,
+    ) -> None:
+        self.model_config = model_config
+        self.channels = channels
+        self.static = static
+        self.normalisation = normalisation
+        self.grid = grid
+        self.grids = (grid,)
+        self.latitude = np.asarray(latitude, dtype=np.float64)
+        self.longitude = np.asarray(longitude, dtype=np.float64)
+        self.step = pd.Timedelta(step)
+        self.input_steps = model_config.input_steps
+        self.horizon = model_config.horizon
+        self.schedule = sampling_schedule(self.horizon, model_config.sampling_steps or self.horizon)
+        self.model = DYffusion(
+            n_channels=len(channels),
+            n_forcings=len(FORCING_NAMES),
+            n_static=len(static),
+            input_steps=self.input_steps,
+            horizon=self.horizon,
+            step_hours=self.step.total_seconds() / 3600.0,
+            latitude=self.latitude,
+            residual_scale=normalisation.std / normalisation.tendency_std,
+            periodic_lon=grid == GLOBAL,
+            interpolator_dropout=model_config.interpolator_dropout,
+            unet={
+                "base_channels": model_config.base_channels,
+                "channel_mult": tuple(model_config.channel_mult),
+                "blocks_per_level": model_config.blocks_per_level,
+                "embedding_dim": model_config.embedding_dim,
+                "dropout": model_config.dropout,
+            },
+        )
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig, *, checkpoint: Checkpoint | None = None) -> DYffusionForecaster:
+        if checkpoint is not None:
+            return cls.from_checkpoint(checkpoint)
+        assert isinstance(config.model, DYffusionModelConfig)
+        if config.data is None:
+            raise ConfigError("the config has no 'data' section naming the stores (data.global_store, data.regional_store)")
+        return cls.from_stores(config.model, config.data)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint) -> DYffusionForecaster:
+        """Rebuild from a checkpoint written by :meth:`save_checkpoint` (weights and step counter loaded, eval mode).
+
+        Raises SchemaError naming the file when it holds another family or weights that do not fit.
+        """
+        if checkpoint.family != cls.family:
+            raise SchemaError(
+                f"{checkpoint.path} holds a {checkpoint.family!r} model, not a {cls.family!r} one; use a checkpoint "
+                f"trained with model.family: {cls.family}"
+            )
+        model = parse_config(checkpoint.config, source=str(checkpoint.path)).model
+        data = checkpoint.data
+        missing = [k for k in ("channels", "static", "step", "grid", "latitude", "longitude") if k not in data]
+        if not isinstance(model, DYffusionModelConfig) or missing:
+            raise SchemaError(
+                f"{checkpoint.path}: not a DYffusion checkpoint (model config {type(model).__name__}, data entries "
+                f"missing: {missing})"
+            )
+        forecaster = cls(
+            model_config=model,
+            channels=Channels.from_dict(data["channels"]),
+            static=Channels.from_dict(data["static"]),
+            normalisation=Normalisation.from_dict(checkpoint.statistics),
+            grid=str(data["grid"]),
+            latitude=np.asarray(data["latitude"], dtype=np.float64),
+            longitude=np.asarray(data["longitude"], dtype=np.float64),
+            step=pd.Timedelta(data["step"]),
+        )
+        try:
+            forecaster.model.load_state_dict(checkpoint.state_dict)
+        except RuntimeError as exc:
+            raise SchemaError(f"{checkpoint.path}: the weights do not fit the model its config describes: {exc}") from None
+        forecaster.model.eval()
+        return forecaster
+
+    # -- inference -------------------------------------------------------------------------------
+    def _iterate(self, initial, *, starts, positions, steps, members, boundary, seed) -> Iterator[LeadChunk]:
+        if boundary is not None:
+            raise SchemaError("the dyffusion family forecasts one grid without boundary values; pass no boundary dataset")
+        config = self.model_config
+        device = self.device
+        ds = initial[self.grid]
+        n_starts, n_samples = len(starts), len(starts) * members
+        n_channels, height, width = len(self.channels), len(self.latitude), len(self.longitude)
+        horizon = self.horizon
+        norm = self.normalisation
+        index = self._input_positions(ds, starts, source=f"initial conditions ({self.grid} grid)")
+        stacked = self.channels.stack(ds[list(self.channels.variables)].isel({TIME: index.ravel()}))
+        states = (
+            torch.from_numpy(_normalised(stacked, norm.mean[:, None, None], norm.std[:, None, None]))
+            .reshape(n_starts, self.input_steps, n_channels, height, width)
+            .repeat_interleave(members, dim=0)
+            .to(device)
+        )  # (n_samples, T_in, C, H, W)
+        static_values = self.static.stack(ds[list(self.static.variables)])
+        static = torch.from_numpy(
+            _normalised(static_values, norm.static_mean[:, None, None], norm.static_std[:, None, None])
+        ).to(device)  # (S, H, W)
+        input_offsets = [self.step * (k - self.input_steps + 1) for k in range(self.input_steps)]
+
+        def forcings(window: int, i: float) -> Tensor:  # all samples: (n_samples, T_in + 2, F, H, W)
+            offsets = np.array([*input_offsets, self.step * i, self.step * horizon], dtype="m8[ns]")
+            times = (starts + self.step * (window * horizon)).values[:, None] + offsets[None, :]
+            values = np.stack([time_forcings(row, self.longitude, height) for row in times])
+            return torch.from_numpy(values).repeat_interleave(members, dim=0).to(device)
+
+        groups = [slice(first, min(first + config.member_batch, n_samples))
+                  for first in range(0, n_samples, config.member_batch)]
+        mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=device)[:, None, None]
+        std = torch.as_tensor(norm.std, dtype=torch.float32, device=device)[:, None, None]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for window in range(math.ceil(steps / horizon)):
+                    cache: dict[float, Tensor] = {}
+
+                    def window_forcings(i: float, window: int = window, cache: dict = cache) -> Tensor:
+                        if i not in cache:
+                            cache[i] = forcings(window, i)
+                        return cache[i]
+
+                    leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
+                    for rows in groups:
+                        first = rows.start
+                        dropout_seed = _dropout_seed(
+                            seed, starts[first // members], first % members, rows.stop - rows.start, window
+                        )
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            torch.manual_seed(dropout_seed)
+                            for j, state in self.model.cold_sample(
+                                states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
+                                lambda i, rows=rows: window_forcings(i)[rows], self.schedule,
+                            ):
+                                leads[j - 1].append(state)
+                    path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
+                    states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
+                    for j in range(horizon):
+                        lead = window * horizon + j
+                        if lead >= steps:
+                            break
+                        values = (path[:, j] * std + mean).cpu().numpy()
+                        chunk = self._chunk_dataset(
+                            values.reshape(n_starts, members, n_channels, height, width), starts=starts, lead=lead,
+                            members=members, lat=ds[LAT].values, lon=ds[LON].values,
+                        )
+                        yield LeadChunk(positions, lead, {self.grid: chunk})
+        finally:
+            self.model.train(was_training)
+
+
+def _dropout_seed(seed: int, start: pd.Timestamp, member: int, size: int, window: int) -> int:
+    """A 63-bit seed of the dropout of one batch of samples (first start and member, size) in one pass."""
+    ns = int(pd.Timestamp(start).value)
+    entropy = [seed, ns & 0xFFFFFFFF, (ns >> 32) & 0xFFFFFFFF, member, size, window]
+    state = np.random.SeedSequence(entropy).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
+    """Forecaster, objective and windows of the DYffusion family for ``forecast train`` (both stages).
+
+    Checks (before anything is written): no rollout schedule (``training.rollout`` of one stage of 1 step,
+    ``val_rollout_steps`` unset or 1), no ``regional_loss_share`` (one grid), an interpolator stage that leaves
+    optimiser steps for the forecaster, the store, variables, grid and periods. Windows of ``input_steps``
+    states and ``horizon`` targets come from :class:`~forecasting.data.torch_dataset.WindowDataset`.
+    """
+    from forecasting.data.torch_dataset import WindowDataset
+    from forecasting.training.data import open_training_store
+    from forecasting.training.train import TrainingSetup
+
+    training, data, model = config.training, config.data, config.model
+    assert training is not None and data is not None and isinstance(model, DYffusionModelConfig)
+    if training.max_rollout_steps != 1:
+        raise ConfigError(
+            f"training.rollout asks for up to {training.max_rollout_steps} steps; DYffusion trains windows of "
+            "model.horizon steps without rollouts: use rollout [{at_step: 0, steps: 1}]"
+        )
+    if training.val_rollout_steps not in (None, 1):
+        raise ConfigError(
+            f"training.val_rollout_steps is {training.val_rollout_steps}; DYffusion validates whole windows "
+            "(leave it unset or 1)"
+        )
+    if training.regional_loss_share is not None:
+        raise ConfigError("training.regional_loss_share applies to two-grid models; the dyffusion family uses one grid")
+    interpolator_steps = model.interpolator_steps or training.max_steps // 2
+    if not 1 <= interpolator_steps < training.max_steps:
+        raise ConfigError(
+            f"model.interpolator_steps ({interpolator_steps}) must be at least 1 and below training.max_steps "
+            f"({training.max_steps}) so that the forecaster stage gets steps"
+        )
+    forecaster = DYffusionForecaster.from_stores(model, data)
+    path = data.global_store if model.grid == GLOBAL else data.regional_store
+    assert path is not None
+    store = open_training_store(path, in_memory=data.in_memory)
+    statistics = read_statistics(path)
+
+    def windows(period: tuple[str | None, str | None], what: str) -> WindowDataset:
+        try:
+            return WindowDataset(
+                store, variables=list(forecaster.channels.variables), input_steps=forecaster.input_steps,
+                target_steps=model.horizon, step=forecaster.step, time=period, statistics=statistics,
+                static_variables=list(forecaster.static.variables), normalise=True,
+            )
+        except SchemaError as exc:
+            raise SchemaError(f"{path}, {what} period {list(period)}: {exc}") from None
+
+    train_set = windows(training.train_period, "training")
+    val_set = windows(training.val_period, "validation") if training.val_period is not None else None
+    objective = DYffusionObjective(
+        area_weights=latitude_weights(forecaster.latitude),
+        channel_weights=forecaster.channel_weights(training.variable_weights),
+        interpolator_steps=interpolator_steps,
+        lookahead_weight=model.lookahead_weight,
+    )
+
+    def export(out: Path, metadata: dict) -> Path:
+        return forecaster.save_checkpoint(out, config=config, metadata=metadata)
+
+    summary = {
+        "family": forecaster.family,
+        "grid": forecaster.grid,
+        "shape": [len(forecaster.latitude), len(forecaster.longitude)],
+        "channels": list(forecaster.channels.names),
+        "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
+                       for name in ("interpolator", "forecaster")},
+        "horizon": model.horizon,
+        "interpolator_steps": interpolator_steps,
+        "sampling_schedule": forecaster.schedule,
+        "network_evaluations_per_window": network_evaluations(model.horizon, len(forecaster.schedule)),
+    }
+    return TrainingSetup(
+        model=forecaster.model, objective=objective, train=train_set, val=val_set, val_rollout_steps=1,
+        export=export, summary=summary,
+    )

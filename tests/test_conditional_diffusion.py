@@ -1,0 +1,243 @@
+"""forecasting.diffusion.conditional: the ``diffusion`` family end to end on the tiny stores of
+tests/test_forecasters.py: ``forecast train`` lowers the denoising loss, ``forecast predict`` writes the forecast
+layout with distinct, reproducible members whatever the batching, the residual convention of training and
+inference agree, checkpoints round-trip, and bad input fails before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from forecasting.cli import main
+from forecasting.config import ConfigError, parse_config
+from forecasting.data.store import open_store
+from forecasting.diffusion.conditional import ConditionalDiffusion, DenoisingObjective, DiffusionForecaster
+from forecasting.errors import SchemaError
+from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
+from forecasting.inference import open_forecast, predict
+from forecasting.schema import LEAD, MEMBER, TIME
+from forecasting.training.checkpoint import load_checkpoint
+from forecasting.training.train import TRAINABLE, train
+from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STARTS = ["2000-01-12T00", "2000-01-13T06"]
+SMALL_MODEL = {"family": "diffusion", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16,
+               "sampling_steps": 4, "member_batch": 4}
+
+
+def diffusion_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
+                     data: dict | None = None):
+    """A tiny conditional-diffusion experiment on ``stores`` (coarse, regional)."""
+    return parse_config({
+        "name": "tiny-diffusion",
+        "model": {**SMALL_MODEL, **(model or {})},
+        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
+        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
+                     "max_steps": 100, "learning_rate": 3e-3, "warmup_steps": 5, "val_every": 50, "val_batches": 2,
+                     "checkpoint_every": 100, **(training or {})},
+    })
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_stores(tmp_path_factory.mktemp("diffusion"))
+
+
+@pytest.fixture(scope="module")
+def analysis(stores) -> dict[str, xr.Dataset]:
+    return {GLOBAL: open_store(stores[0]).load(), REGIONAL: open_store(stores[1]).load()}
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """100 optimiser steps of ``forecast train`` on the global grid, with the loss on the validation windows
+    before and after (same windows, same noise) and for a network that outputs zero."""
+    config = diffusion_config(stores)
+    root = tmp_path_factory.mktemp("diffusion-run")
+    path = root / "diffusion.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    torch.manual_seed(0)
+    setup = TRAINABLE["diffusion"](config)
+    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
+
+    def loss(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return setup.objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))["loss"].item()
+
+    before = loss(setup.model)
+    out_conv = setup.model.denoiser.network.out_conv.conv
+    with torch.no_grad():
+        out_conv.weight.zero_()
+        out_conv.bias.zero_()
+    zero_network = loss(setup.model)
+    assert main(["train", str(path), "--out", str(root / "run"), "--quiet"]) == 0
+    checkpoint = root / "run" / "model.pt"
+    after = loss(DiffusionForecaster.from_checkpoint(load_checkpoint(checkpoint)).model)
+    return {"config": config, "checkpoint": checkpoint, "before": before, "after": after, "zero": zero_network,
+            "root": root}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def test_training_lowers_the_denoising_loss(trained):
+    """The zero network is the ideal denoiser of N(0, 1) residuals, ignoring the conditioning (loss about the
+    residuals' variance): the trained model must use the conditioning to beat it, not only undo its random
+    initialisation."""
+    before, after, zero = trained["before"], trained["after"], trained["zero"]
+    assert after < 0.75 * before and after < 0.8 * zero, (before, after, zero)
+    checkpoint = load_checkpoint(trained["checkpoint"], family="diffusion")
+    assert checkpoint.metadata["global_step"] == 100 and checkpoint.graph is None
+
+
+def test_objective_weights_channels_and_latitudes_and_refuses_rollouts(stores):
+    config = diffusion_config(stores, training={"variable_weights": {"2m_temperature": 0.0}})
+    torch.manual_seed(0)
+    setup = TRAINABLE["diffusion"](config)
+    objective = setup.objective
+    assert isinstance(objective, DenoisingObjective) and isinstance(setup.model, ConditionalDiffusion)
+    names = build_forecaster(config).channels.names
+    np.testing.assert_allclose(objective.channel_weights.numpy(), [2.0 if n != "2m_temperature" else 0.0 for n in names])
+    weights = objective.area_weights.numpy()  # mean 1, larger at the equator than near the poles
+    assert weights.mean() == pytest.approx(1.0) and weights[4] > 2 * weights[0]
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])
+    metrics = objective(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert set(metrics) == {"loss", "denoised_rmse"} and metrics["loss"].requires_grad
+    with pytest.raises(ValueError, match="one step at a time"):
+        objective(setup.model, batch, steps=2, generator=torch.Generator())
+
+
+def test_training_target_is_the_residual_in_tendency_std_units(stores):
+    """The clean target of a window is (x(t + 6 h) - x(t)) / tendency_std in physical units."""
+    config = diffusion_config(stores)
+    setup = TRAINABLE["diffusion"](config)
+    forecaster = build_forecaster(config)
+    window = setup.train[5]
+    target = setup.model.residual(window["inputs"][None], window["targets"][None, 0])[0]  # (C, H, W)
+    raw = forecaster.channels.stack(open_store(stores[0]).isel(time=[6, 7]))  # the window's last input, its target
+    want = (raw[1] - raw[0]) / forecaster.normalisation.tendency_std[:, None, None]
+    np.testing.assert_allclose(target.numpy(), want, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forecasts
+# ----------------------------------------------------------------------------------------------
+def test_predict_writes_the_forecast_layout_with_distinct_reproducible_members(trained, tmp_path):
+    out = tmp_path / "fc.zarr"
+    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
+                 "--members", "3", "--steps", "2", "--out", str(out)]) == 0
+    fc = open_forecast(out).load()
+    assert dict(fc.sizes) == {TIME: 2, LEAD: 2, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
+    assert fc.attrs["model_family"] == "diffusion" and fc.attrs["model"] == "tiny-diffusion"
+    np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta([6, 12], unit="h").values)
+    assert fc["2m_temperature"].attrs["units"] == "K"
+    z = fc["geopotential"].values
+    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
+    spread = fc["2m_temperature"].std(MEMBER)
+    assert float(spread.min()) > 0  # members differ everywhere
+    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=2, out=tmp_path / "again.zarr", seed=0)
+    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
+                            fc[["geopotential", "2m_temperature"]])
+    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=2, out=tmp_path / "other.zarr", seed=1)
+    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
+
+
+def test_members_do_not_depend_on_the_batching(trained, analysis):
+    forecaster = DiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    together = forecaster.forecast(analysis[GLOBAL], steps=2, members=3, starts=STARTS, seed=7)
+    forecaster.model_config = forecaster.model_config.model_copy(update={"member_batch": 1})
+    one_by_one = forecaster.forecast(analysis[GLOBAL], steps=2, members=3, starts=STARTS, seed=7, batch_size=3)
+    xr.testing.assert_allclose(together, one_by_one, rtol=1e-5)
+    # Member 1 of start 2 is the same in a forecast of that start alone.
+    alone = forecaster.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS[1:], seed=7)
+    xr.testing.assert_allclose(alone.isel({MEMBER: 1}), together.isel({TIME: [1], MEMBER: 1}), rtol=1e-5)
+
+
+def test_inference_adds_the_sampled_residual_times_the_tendency_std(stores, analysis):
+    """With a denoiser that returns a constant residual r, every sampler ends at r: the first lead is
+    x(t) + r * tendency_std and the second x(t) + 2 r * tendency_std (the residual convention of training)."""
+    forecaster = build_forecaster(diffusion_config(stores, model={"grid": "regional", "sampler": "dpmpp_2m"}))
+    assert isinstance(forecaster, DiffusionForecaster) and forecaster.grids == (REGIONAL,)
+    residual = torch.tensor([0.5, -1.0])  # per channel: geopotential@500, 2m_temperature
+
+    class ConstantResidual(torch.nn.Module):
+        def forward(self, x, sigma, condition=None, *, lead_time=None):
+            return residual[None, :, None, None].expand_as(x)
+
+    forecaster.model.denoiser = ConstantResidual()
+    fc = forecaster.forecast(analysis[REGIONAL], steps=2, members=2, starts=STARTS)
+    assert dict(fc.sizes) == {TIME: 2, LEAD: 2, MEMBER: 2, "level": 1, "latitude": 6, "longitude": 9}
+    names = forecaster.channels.names
+    start = forecaster.channels.stack(analysis[REGIONAL].sel(time=STARTS))  # (2, C, H, W)
+    got = forecaster.channels.stack(fc.transpose(TIME, LEAD, MEMBER, ...))  # (2, 2, 2, C, H, W)
+    step = residual.numpy().astype(np.float64) * forecaster.normalisation.tendency_std
+    for lead in (0, 1):
+        want = start + (lead + 1) * step[:, None, None]
+        for member in (0, 1):
+            np.testing.assert_allclose(got[:, lead, member], want, rtol=2e-6, atol=1e-3 * np.abs(step).max(),
+                                       err_msg=str(names))
+
+
+def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
+    first = DiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
+    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
+    assert isinstance(second, DiffusionForecaster)
+    a = first.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
+    b = second.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
+    xr.testing.assert_equal(a, b)
+
+
+def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
+    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
+    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
+    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'diffusion' one"):
+        DiffusionForecaster.from_checkpoint(load_checkpoint(path))
+
+
+def test_family_is_registered_for_building_and_training(stores):
+    assert "diffusion" in FAMILIES and "diffusion" in TRAINABLE
+    forecaster = build_forecaster(diffusion_config(stores))
+    assert isinstance(forecaster, DiffusionForecaster) and forecaster.family == "diffusion"
+    assert forecaster.grids == (GLOBAL,) and forecaster.input_steps == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing written
+# ----------------------------------------------------------------------------------------------
+def test_variable_not_in_the_store_is_rejected_before_writing(stores, tmp_path):
+    config = diffusion_config(stores, data={"variables": ["geopotential", "total_cloud_cover"]})
+    with pytest.raises(SchemaError, match=r"global\.zarr: variables \['total_cloud_cover'\] are not in the store"):
+        train(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"training": {"rollout": [{"at_step": 0, "steps": 1}, {"at_step": 5, "steps": 2}]}}, ConfigError,
+         "trains one step at a time"),
+        ({"training": {"regional_loss_share": 0.3}}, ConfigError, "regional_loss_share applies to two-grid models"),
+        ({"training": {"variable_weights": {"humidity": 1.0}}}, ConfigError, r"names \['humidity'\]"),
+        ({"data": {"regional_store": None}, "model": {"grid": "regional"}}, ConfigError,
+         "model.grid 'regional' needs data.regional_store"),
+        ({"data": {"global_store": "REGIONAL"}}, SchemaError, "longitudes go round the globe"),
+        ({"training": {"train_period": ["2001-01-01", None]}}, SchemaError, "training period"),
+    ],
+)
+def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, error, message):
+    data = dict(change.get("data", {}))
+    if data.get("global_store") == "REGIONAL":
+        data["global_store"] = str(stores[1])
+    config = diffusion_config(stores, model=change.get("model"), training=change.get("training"), data=data)
+    with pytest.raises(error, match=message):
+        train(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
