@@ -1,4 +1,4 @@
-"""Sampling cost of the conditional diffusion family: network evaluations and wall time per member and lead.
+"""Sampling cost of the diffusion families: network evaluations and wall time per member and lead.
 
 One lead of ``--members`` members is one call of :class:`~forecasting.diffusion.conditional.ConditionalDiffusion`
 (the sampler integrating from ``sigma_max`` to 0 on the EDM schedule with ``--steps`` intervals), on random
@@ -14,11 +14,25 @@ one warm-up call. One JSON line per (grid, sampler):
      "network_evaluations": ..., "members": ..., "params": ..., "device": ..., "threads": ...,
      "seconds_per_member_lead": ..., "seconds_per_evaluation_per_member": ..., "repeats": ...}
 
+Side by side, on the same inputs and the defaults of their configs (``--steps`` is the conditional family's):
+
+* ``rolling`` (:class:`~forecasting.diffusion.rolling.RollingDiffusion`, a window of
+  ``RollingDiffusionModelConfig().window`` frames): one lead is one sampling pass of ``sampling_steps`` steps,
+  the first window a pass of ``init_steps``; per (grid, sampler) a line ``"benchmark": "rolling_sampling"`` with
+  ``network_evaluations`` (per lead) and ``first_lead_network_evaluations``, ``seconds_per_member_lead`` and
+  ``seconds_per_member_first_lead``;
+* ``dyffusion`` (:class:`~forecasting.diffusion.dyffusion.DYffusion`, horizon ``DYffusionModelConfig().horizon``):
+  one cold-sampling pass gives all ``h`` leads of a window; per grid a line ``"benchmark": "dyffusion_sampling"``
+  with ``forecaster_evaluations`` and ``interpolator_evaluations`` per pass (checked against
+  :func:`~forecasting.diffusion.dyffusion.network_evaluations`), ``network_evaluations`` per lead (the pass's
+  over ``h``) and ``seconds_per_member_lead`` (the pass's time over ``h``).
+
 Usage:
 
     PYTHONPATH=. python benchmarks/bench_diffusion.py                      # CPU, 20 steps, 8 members
     PYTHONPATH=. python benchmarks/bench_diffusion.py --steps 10 --members 4 --threads 1
     PYTHONPATH=. python benchmarks/bench_diffusion.py --device cuda
+    PYTHONPATH=. python benchmarks/bench_diffusion.py --family rolling --family dyffusion --grid global
 """
 
 from __future__ import annotations
@@ -31,9 +45,11 @@ import time
 import numpy as np
 import torch
 
-from forecasting.config import DiffusionModelConfig
+from forecasting.config import DiffusionModelConfig, DYffusionModelConfig, RollingDiffusionModelConfig
 from forecasting.diffusion.conditional import ConditionalDiffusion
+from forecasting.diffusion.dyffusion import DYffusion, network_evaluations, sampling_schedule
 from forecasting.diffusion.edm import EDMConfig
+from forecasting.diffusion.rolling import ROLLING_SAMPLERS, RollingDiffusion, RollingSchedule
 from forecasting.diffusion.samplers import SAMPLERS, evaluations, karras_sigmas
 
 #: Quickstart grids: name -> (latitudes, periodic in longitude).
@@ -43,6 +59,7 @@ GRIDS = {
 }
 WIDTHS = {"global": 64, "regional": 22}
 CHANNELS, FORCINGS, STATIC, INPUT_STEPS = 4, 4, 2, 2
+FAMILIES = ("diffusion", "rolling", "dyffusion")
 
 
 def build(grid: str, device: torch.device) -> ConditionalDiffusion:
@@ -109,6 +126,133 @@ def run(grid: str, method: str, *, steps: int, members: int, repeats: int, devic
     }
 
 
+def _unet_sizes(config: DiffusionModelConfig | RollingDiffusionModelConfig | DYffusionModelConfig) -> dict:
+    return {"base_channels": config.base_channels, "channel_mult": tuple(config.channel_mult),
+            "blocks_per_level": config.blocks_per_level, "embedding_dim": config.embedding_dim,
+            "dropout": config.dropout}
+
+
+def _timed(call, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run_rolling(grid: str, method: str, *, members: int, repeats: int, device: torch.device) -> dict:
+    """Per-lead cost of the rolling family: one pass of ``sampling_steps`` (and the first window's pass)."""
+    config = RollingDiffusionModelConfig(sampler=method)
+    latitude, periodic = GRIDS[grid]
+    height, width = len(latitude), WIDTHS[grid]
+    schedule = RollingSchedule(window=config.window, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+                               rho=config.rho)
+    model = RollingDiffusion(
+        n_channels=CHANNELS, n_forcings=FORCINGS, n_static=STATIC, input_steps=INPUT_STEPS, schedule=schedule,
+        latitude=latitude, residual_scale=np.ones(CHANNELS), periodic_lon=periodic, sigma_data=config.sigma_data,
+        unet=_unet_sizes(config),
+    ).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=device)
+
+    condition = model.conditioning(normal(members, INPUT_STEPS, CHANNELS, height, width),
+                                   normal(members, INPUT_STEPS + config.window, FORCINGS, height, width),
+                                   normal(members, STATIC, height, width))
+    window = config.sigma_max * normal(members, config.window, CHANNELS, height, width)
+    calls = []
+    model.network.register_forward_hook(lambda *_: calls.append(1))
+    figures = {}
+    for name, init, steps in (("lead", False, config.sampling_steps), ("first_lead", True, config.init_steps)):
+        def one_pass(init: bool = init, steps: int = steps) -> None:
+            model.denoising_pass(window, condition, init=init, steps=steps, method=method)
+
+        _timed(one_pass, device)  # warm-up
+        calls.clear()
+        times = [_timed(one_pass, device) for _ in range(repeats)]
+        counted = len(calls) // repeats
+        if counted != evaluations(method, steps):
+            raise RuntimeError(f"rolling {method}: counted {counted} evaluations, evaluations() says "
+                               f"{evaluations(method, steps)}")
+        figures[name] = (counted, statistics.median(times) / members)
+    return {
+        "benchmark": "rolling_sampling",
+        "grid": grid,
+        "shape": [height, width],
+        "window": config.window,
+        "sampler": method,
+        "steps": config.sampling_steps,
+        "init_steps": config.init_steps,
+        "network_evaluations": figures["lead"][0],
+        "first_lead_network_evaluations": figures["first_lead"][0],
+        "members": members,
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_per_member_lead": round(figures["lead"][1], 5),
+        "seconds_per_member_first_lead": round(figures["first_lead"][1], 5),
+        "seconds_per_evaluation_per_member": round(figures["lead"][1] / figures["lead"][0], 6),
+        "repeats": repeats,
+    }
+
+
+def run_dyffusion(grid: str, *, members: int, repeats: int, device: torch.device) -> dict:
+    """Per-lead cost of DYffusion: one cold-sampling pass over the horizon, divided by the horizon."""
+    config = DYffusionModelConfig()
+    latitude, periodic = GRIDS[grid]
+    height, width = len(latitude), WIDTHS[grid]
+    horizon = config.horizon
+    schedule = sampling_schedule(horizon, config.sampling_steps or horizon)
+    model = DYffusion(
+        n_channels=CHANNELS, n_forcings=FORCINGS, n_static=STATIC, input_steps=INPUT_STEPS, horizon=horizon,
+        step_hours=6.0, latitude=latitude, residual_scale=np.ones(CHANNELS), periodic_lon=periodic,
+        interpolator_dropout=config.interpolator_dropout, unet=_unet_sizes(config),
+    ).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(0)
+    states = torch.randn((members, INPUT_STEPS, CHANNELS, height, width), generator=generator, device=device)
+    static = torch.randn((members, STATIC, height, width), generator=generator, device=device)
+    forcings = torch.randn((members, INPUT_STEPS + 2, FORCINGS, height, width), generator=generator, device=device)
+    calls = {"forecaster": [], "interpolator": []}
+    for name, log in calls.items():
+        getattr(model, name).register_forward_hook(lambda *_, log=log: log.append(1))
+
+    def one_pass() -> None:
+        for _ in model.cold_sample(states, static, lambda i: forcings, schedule):
+            pass
+
+    _timed(one_pass, device)  # warm-up
+    for log in calls.values():
+        log.clear()
+    times = [_timed(one_pass, device) for _ in range(repeats)]
+    counted = {name: len(log) // repeats for name, log in calls.items()}
+    if counted != network_evaluations(horizon, len(schedule)):
+        raise RuntimeError(f"dyffusion: counted {counted}, network_evaluations() says "
+                           f"{network_evaluations(horizon, len(schedule))}")
+    per_member_pass = statistics.median(times) / members
+    per_lead = sum(counted.values()) / horizon
+    return {
+        "benchmark": "dyffusion_sampling",
+        "grid": grid,
+        "shape": [height, width],
+        "horizon": horizon,
+        "steps": len(schedule),
+        "forecaster_evaluations": counted["forecaster"],
+        "interpolator_evaluations": counted["interpolator"],
+        "network_evaluations": round(per_lead, 3),
+        "members": members,
+        "params": sum(p.numel() for p in model.parameters()),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_per_member_lead": round(per_member_pass / horizon, 5),
+        "seconds_per_evaluation_per_member": round(per_member_pass / sum(counted.values()), 6),
+        "repeats": repeats,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -117,14 +261,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--grid", choices=sorted(GRIDS), action="append", help="grids (default: both)")
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="families (default: all three)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    families = args.family or list(FAMILIES)
     for grid in args.grid or list(GRIDS):
-        for method in SAMPLERS:
-            print(json.dumps(run(grid, method, steps=args.steps, members=args.members, repeats=args.repeats,
-                                 device=device)), flush=True)
+        if "diffusion" in families:
+            for method in SAMPLERS:
+                print(json.dumps(run(grid, method, steps=args.steps, members=args.members, repeats=args.repeats,
+                                     device=device)), flush=True)
+        if "rolling" in families:
+            for method in ROLLING_SAMPLERS:
+                print(json.dumps(run_rolling(grid, method, members=args.members, repeats=args.repeats,
+                                             device=device)), flush=True)
+        if "dyffusion" in families:
+            print(json.dumps(run_dyffusion(grid, members=args.members, repeats=args.repeats, device=device)),
+                  flush=True)
 
 
 if __name__ == "__main__":

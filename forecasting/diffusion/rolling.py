@@ -24,8 +24,8 @@ the variance-exploding form of the paper's ``alpha_t, sigma_t`` process). Local 
 so that with ``S`` uniform steps of ``t`` per pass a frame passes, over its ``W`` passes, through EDM's
 schedule formula (eq. 5) at ``W S`` evenly spaced local times, then 0; ``rho < 0`` keeps more of the window at
 low noise, which ERDM (Ruehling Cachay et al. 2025, "Elucidated Rolling Diffusion Models for Probabilistic
-Forecasting of Complex Dynamics") found best for weather. Each frame gets EDM's preconditioning at its own ``sigma_k``
-(``c_skip, c_out, c_in, c_noise``; :func:`~forecasting.diffusion.edm.preconditioning`) and the loss
+Forecasting of Complex Dynamics") found best for weather. Each frame gets EDM's preconditioning at its own
+``sigma_k`` (``c_skip, c_out, c_in, c_noise``; :func:`~forecasting.diffusion.edm.preconditioning`) and the loss
 ``lambda(sigma_k) ||D^k - y^k||^2``, optionally times ERDM's log-normal weight of ``ln sigma_k``
 (:class:`RollingObjective`).
 
@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from forecasting.training.train import TrainingSetup
 
 __all__ = [
+    "ROLLING_SAMPLERS",
     "RollingDiffusion",
     "RollingDiffusionForecaster",
     "RollingObjective",

@@ -1,0 +1,289 @@
+"""forecasting.diffusion.dyffusion: the ``dyffusion`` family. The stochastic interpolator keeps its dropout when
+forecasting, cold sampling (Algorithm 2) yields every intermediate lead and chains windows, and end to end on the
+tiny stores of tests/test_forecasters.py: one ``forecast train`` trains the interpolator, then the forecaster with
+the interpolator frozen, lowering both losses; ``forecast predict`` writes distinct, reproducible members;
+checkpoints round-trip; bad settings fail before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import yaml
+from lightning.fabric.utilities.seed import seed_everything
+
+from forecasting.cli import main
+from forecasting.config import ConfigError, parse_config
+from forecasting.data.store import open_store
+from forecasting.diffusion.dyffusion import (
+    DYffusion,
+    DYffusionForecaster,
+    DYffusionObjective,
+    network_evaluations,
+    sampling_schedule,
+)
+from forecasting.errors import SchemaError
+from forecasting.forecasters import FAMILIES, build_forecaster
+from forecasting.inference import open_forecast, predict
+from forecasting.schema import LEAD, MEMBER, TIME
+from forecasting.training.checkpoint import load_checkpoint
+from forecasting.training.train import TRAINABLE, train
+from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STARTS = ["2000-01-12T00", "2000-01-13T06"]
+HORIZON = 3
+STAGE_ONE, MAX_STEPS = 40, 90
+SMALL_MODEL = {"family": "dyffusion", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16,
+               "horizon": HORIZON, "input_steps": 2, "interpolator_steps": STAGE_ONE, "member_batch": 4}
+
+
+def dyffusion_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
+                     data: dict | None = None):
+    """A tiny DYffusion experiment on ``stores`` (coarse, regional)."""
+    return parse_config({
+        "name": "tiny-dyffusion",
+        "model": {**SMALL_MODEL, **(model or {})},
+        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
+        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
+                     "max_steps": MAX_STEPS, "learning_rate": 3e-3, "warmup_steps": 5, "weight_decay": 0.01,
+                     "val_every": STAGE_ONE, "val_batches": 2, "checkpoint_every": MAX_STEPS, **(training or {})},
+    })
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_stores(tmp_path_factory.mktemp("dyffusion"))
+
+
+@pytest.fixture(scope="module")
+def analysis(stores) -> xr.Dataset:
+    return open_store(stores[0]).load()
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One ``forecast train`` of both stages (40 + 50 steps) and one stopped at the end of stage 1, the initial
+    weights, and the validation losses of both stages before and after (same windows, same noise and dropout)."""
+    config = dyffusion_config(stores)
+    root = tmp_path_factory.mktemp("dyffusion-run")
+    path = root / "dyffusion.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    seed_everything(0, verbose=False)  # as train() does before building the model: the same initial weights
+    setup = TRAINABLE["dyffusion"](config)
+    initial = _state(setup.model)
+    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
+
+    def losses(model: DYffusion) -> dict[str, float]:
+        out = {}
+        saved = model.trained_steps.clone()
+        for stage, counter in ((1, 0), (2, STAGE_ONE)):
+            model.trained_steps.fill_(counter)
+            torch.manual_seed(0)
+            with torch.no_grad():
+                metrics = setup.objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+            assert metrics["stage"].item() == stage
+            out[stage] = metrics["interpolation_rmse" if stage == 1 else "forecast_rmse"].item()
+        model.trained_steps.copy_(saved)
+        return out
+
+    before = losses(setup.model)
+    assert main(["train", str(path), "--out", str(root / "full"), "--quiet"]) == 0
+    stopped = train(config, out_dir=root / "stage1", max_steps=STAGE_ONE, progress=False)
+    full = DYffusionForecaster.from_checkpoint(load_checkpoint(root / "full" / "model.pt"))
+    return {"config": config, "checkpoint": root / "full" / "model.pt", "initial": initial, "before": before,
+            "after": losses(full.model), "full": _state(full.model),
+            "stage1": _state(DYffusionForecaster.from_checkpoint(load_checkpoint(stopped.checkpoint)).model)}
+
+
+def _fake(horizon: int, calls: dict[str, int], end_change: float):
+    """A forecaster that predicts ``x_t + end_change`` and an exact linear interpolator, counting calls."""
+
+    def forecast(state, states, i, forcings, static):
+        calls["forecaster"] += 1
+        return states[:, -1] + end_change
+
+    def interpolate(states, end, i, forcings, static):
+        calls["interpolator"] += 1
+        return states[:, -1] + (i / horizon).view(-1, 1, 1, 1) * (end - states[:, -1])
+
+    return forecast, interpolate
+
+
+# ----------------------------------------------------------------------------------------------
+# The networks and the sampler
+# ----------------------------------------------------------------------------------------------
+def _tiny_model() -> DYffusion:
+    return DYffusion(
+        n_channels=2, n_forcings=4, n_static=1, input_steps=2, horizon=HORIZON, step_hours=6.0,
+        latitude=np.linspace(-60, 60, 4), residual_scale=np.array([2.0, 0.5]), periodic_lon=True,
+        interpolator_dropout=0.3, unet={"base_channels": 8, "channel_mult": (1,), "embedding_dim": 8},
+    )
+
+
+def test_interpolator_dropout_stays_on_when_forecasting_and_the_forecaster_is_deterministic():
+    torch.manual_seed(0)
+    model = _tiny_model().eval()
+    states, end = torch.randn(2, 2, 2, 4, 6), torch.randn(2, 2, 4, 6)
+    forcings, static, i = torch.randn(2, 4, 4, 4, 6), torch.randn(2, 1, 4, 6), torch.tensor([1.0, 2.0])
+    with torch.no_grad():
+        first = model.interpolate(states, end, i, forcings, static)
+        second = model.interpolate(states, end, i, forcings, static)
+        assert not torch.allclose(first, second)  # a stochastic interpolator
+        torch.testing.assert_close(model.forecast(end, states, i, forcings, static),
+                                   model.forecast(end, states, i, forcings, static), rtol=0, atol=0)
+
+
+def test_sampling_schedule_adds_extra_steps_before_the_first_whole_step():
+    assert sampling_schedule(3, 3) == [0.0, 1.0, 2.0]
+    assert sampling_schedule(3, 5) == [0.0, 1 / 3, 2 / 3, 1.0, 2.0]
+    assert network_evaluations(3, 5) == {"forecaster": 5, "interpolator": 8}
+    with pytest.raises(ValueError, match="steps >= horizon"):
+        sampling_schedule(3, 2)
+
+
+@pytest.mark.parametrize("steps", [HORIZON, HORIZON + 2])
+def test_cold_sampling_yields_every_intermediate_lead_on_the_interpolated_path(steps):
+    """With F returning x_{t+h} and I exact linear interpolation, s^(n) telescopes to I(x_t, x_{t+h}, i_n): the
+    whole steps 1 .. h come out in order on the straight path, with N + (2N - 2) network calls."""
+    model = _tiny_model()
+    calls = {"forecaster": 0, "interpolator": 0}
+    model.forecast, model.interpolate = _fake(HORIZON, calls, end_change=0.6)
+    states = torch.randn(2, 2, 2, 4, 6)
+    seen = []
+    out = list(model.cold_sample(states, torch.zeros(2, 1, 4, 6), lambda i: torch.zeros(2, 4, 4, 4, 6),
+                                 sampling_schedule(HORIZON, steps)))
+    for j, state in out:
+        seen.append(j)
+        torch.testing.assert_close(state, states[:, -1] + 0.6 * j / HORIZON, rtol=1e-5, atol=1e-5)
+    assert seen == [1, 2, 3] and calls == network_evaluations(HORIZON, steps)
+
+
+def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, analysis):
+    forecaster = build_forecaster(dyffusion_config(stores))
+    assert isinstance(forecaster, DYffusionForecaster)
+    calls = {"forecaster": 0, "interpolator": 0}
+    forecaster.model.forecast, forecaster.model.interpolate = _fake(HORIZON, calls, end_change=0.6)
+    steps = 2 * HORIZON + 1
+    fc = forecaster.forecast(analysis, steps=steps, members=2, starts=STARTS)
+    assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 2, "level": 1, "latitude": 8, "longitude": 16}
+    np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta(6 * np.arange(1, steps + 1), unit="h").values)
+    start = forecaster.channels.stack(analysis.sel(time=STARTS))  # (2, C, H, W)
+    got = forecaster.channels.stack(fc.isel({MEMBER: 0}).transpose(TIME, LEAD, ...))  # (2, steps, C, H, W)
+    std = forecaster.normalisation.std[:, None, None]
+    for lead in range(1, steps + 1):  # the straight path continues through window boundaries
+        np.testing.assert_allclose(got[:, lead - 1], start + 0.6 * lead / HORIZON * std, rtol=1e-5,
+                                   atol=1e-4 * std.max())
+    assert calls == {k: 3 * n for k, n in network_evaluations(HORIZON, HORIZON).items()}  # 3 windows, 1 batch of 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: two stages in one run
+# ----------------------------------------------------------------------------------------------
+def test_one_train_call_trains_the_interpolator_then_the_forecaster_with_the_interpolator_frozen(trained):
+    initial, stage1, full = trained["initial"], trained["stage1"], trained["full"]
+    assert int(full["trained_steps"]) == MAX_STEPS and int(stage1["trained_steps"]) == STAGE_ONE
+    interpolator = [k for k in initial if k.startswith("interpolator.")]
+    forecaster = [k for k in initial if k.startswith("forecaster.")]
+    assert interpolator and forecaster
+    # Stage 1 trained the interpolator alone ...
+    assert any(not torch.equal(stage1[k], initial[k]) for k in interpolator)
+    assert all(torch.equal(stage1[k], initial[k]) for k in forecaster)
+    # ... and stage 2 (weight decay on) left it exactly as stage 1 ended while training the forecaster.
+    assert all(torch.equal(full[k], stage1[k]) for k in interpolator)
+    assert any(not torch.equal(full[k], initial[k]) for k in forecaster)
+
+
+def test_training_lowers_the_interpolation_and_forecast_errors(trained):
+    before, after = trained["before"], trained["after"]
+    assert after[1] < 0.8 * before[1] and after[2] < 0.8 * before[2], (before, after)
+    checkpoint = load_checkpoint(trained["checkpoint"], family="dyffusion")
+    assert checkpoint.metadata["global_step"] == MAX_STEPS and checkpoint.graph is None
+
+
+def test_objective_stages_follow_the_step_counter(stores):
+    setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model={"lookahead_weight": 0.0}))
+    objective, model = setup.objective, setup.model
+    assert isinstance(objective, DYffusionObjective) and isinstance(model, DYffusion)
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(3)])
+    model.train()
+    first = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert first["stage"].item() == 1 and int(model.trained_steps) == 1 and "interpolation_rmse" in first
+    model.trained_steps.fill_(STAGE_ONE)
+    second = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert second["stage"].item() == 2 and set(second) == {"stage", "loss", "forecast_rmse"}
+    assert not any(p.requires_grad for p in model.interpolator.parameters())
+    assert second["loss"].requires_grad
+    with pytest.raises(ValueError, match="without rollouts"):
+        objective(model, batch, steps=2, generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------------------------
+# Forecasts and checkpoints
+# ----------------------------------------------------------------------------------------------
+def test_predict_writes_distinct_reproducible_members(trained, tmp_path):
+    steps = 2 * HORIZON + 1
+    out = tmp_path / "fc.zarr"
+    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
+                 "--members", "3", "--steps", str(steps), "--out", str(out)]) == 0
+    fc = open_forecast(out).load()
+    assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
+    assert fc.attrs["model_family"] == "dyffusion" and fc.attrs["model"] == "tiny-dyffusion"
+    z = fc["geopotential"].values
+    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
+    assert float(fc["2m_temperature"].std(MEMBER).min()) > 0  # members differ everywhere, at every lead
+    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "again.zarr", seed=0)
+    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
+                            fc[["geopotential", "2m_temperature"]])
+    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "other.zarr", seed=1)
+    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
+
+
+def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
+    first = DYffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
+    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
+    assert isinstance(second, DYffusionForecaster) and int(second.model.trained_steps) == MAX_STEPS
+    a = first.forecast(analysis, steps=4, members=2, starts=STARTS, seed=3)
+    b = second.forecast(analysis, steps=4, members=2, starts=STARTS, seed=3)
+    xr.testing.assert_equal(a, b)
+
+
+def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
+    assert "dyffusion" in FAMILIES and "dyffusion" in TRAINABLE
+    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
+    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
+    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'dyffusion' one"):
+        DYffusionForecaster.from_checkpoint(load_checkpoint(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing written
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": {"interpolator_steps": MAX_STEPS}}, "so that the forecaster stage gets steps"),
+        ({"training": {"rollout": [{"at_step": 0, "steps": 1}, {"at_step": 5, "steps": 2}]}}, "without rollouts"),
+        ({"training": {"val_rollout_steps": 3}}, "validates whole windows"),
+    ],
+)
+def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, message):
+    config = dyffusion_config(stores, model=change.get("model"), training=change.get("training"))
+    with pytest.raises(ConfigError, match=message):
+        train(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_needs_a_sampling_step_per_whole_step(stores):
+    with pytest.raises(ConfigError, match=r"sampling_steps \(2\) must be at least the horizon \(3\)"):
+        dyffusion_config(stores, model={"sampling_steps": 2})

@@ -1,0 +1,281 @@
+"""forecasting.diffusion.rolling: the ``rolling`` family. The rolling and init schedules against the paper's formulas,
+the noise growing over the window, a sampling pass that finishes the first frame exactly, and end to end on the
+tiny stores of tests/test_forecasters.py: ``forecast train`` lowers the loss, ``forecast predict`` writes the
+forecast layout with distinct, reproducible members past the training window, checkpoints round-trip, and bad
+settings fail before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+import yaml
+
+from forecasting.cli import main
+from forecasting.config import ConfigError, parse_config
+from forecasting.data.store import open_store
+from forecasting.diffusion.rolling import (
+    RollingDiffusion,
+    RollingDiffusionForecaster,
+    RollingObjective,
+    RollingSchedule,
+    init_local_times,
+    rolling_local_times,
+)
+from forecasting.diffusion.samplers import evaluations
+from forecasting.errors import SchemaError
+from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
+from forecasting.inference import open_forecast, predict
+from forecasting.schema import LEAD, MEMBER, TIME
+from forecasting.training.checkpoint import load_checkpoint
+from forecasting.training.train import TRAINABLE, train
+from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STARTS = ["2000-01-12T00", "2000-01-13T06"]
+WINDOW = 3
+SMALL_MODEL = {"family": "rolling", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16, "window": WINDOW,
+               "sampling_steps": 2, "init_steps": 3, "member_batch": 4}
+
+
+def rolling_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
+                   data: dict | None = None):
+    """A tiny rolling-diffusion experiment on ``stores`` (coarse, regional)."""
+    return parse_config({
+        "name": "tiny-rolling",
+        "model": {**SMALL_MODEL, **(model or {})},
+        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
+        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
+                     "max_steps": 80, "learning_rate": 3e-3, "warmup_steps": 5, "val_every": 40, "val_batches": 2,
+                     "checkpoint_every": 80, **(training or {})},
+    })
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_stores(tmp_path_factory.mktemp("rolling"))
+
+
+@pytest.fixture(scope="module")
+def analysis(stores) -> dict[str, xr.Dataset]:
+    return {GLOBAL: open_store(stores[0]).load(), REGIONAL: open_store(stores[1]).load()}
+
+
+@pytest.fixture(scope="module")
+def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """80 optimiser steps of ``forecast train`` on the global grid, with the loss on the validation windows
+    before and after (same windows, same noise) and for a network that outputs zero."""
+    config = rolling_config(stores)
+    root = tmp_path_factory.mktemp("rolling-run")
+    path = root / "rolling.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    torch.manual_seed(0)
+    setup = TRAINABLE["rolling"](config)
+    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
+
+    def loss(model: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return setup.objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))["loss"].item()
+
+    before = loss(setup.model)
+    out_conv = setup.model.network.out_conv.conv
+    with torch.no_grad():
+        out_conv.weight.zero_()
+        out_conv.bias.zero_()
+    zero_network = loss(setup.model)
+    assert main(["train", str(path), "--out", str(root / "run"), "--quiet"]) == 0
+    checkpoint = root / "run" / "model.pt"
+    after = loss(RollingDiffusionForecaster.from_checkpoint(load_checkpoint(checkpoint)).model)
+    return {"config": config, "checkpoint": checkpoint, "before": before, "after": after, "zero": zero_network}
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedules
+# ----------------------------------------------------------------------------------------------
+def test_local_times_follow_the_rolling_and_init_schedules():
+    """t_k = (k + t) / W and t_k^init = clip(k / W + t); a rolling pass ends where the shifted window starts,
+    and the init pass goes from all-noise to the rolling window's state at t = 0."""
+    t = torch.tensor([1.0, 0.5, 0.0])
+    np.testing.assert_allclose(rolling_local_times(t, 4).numpy(),
+                               [[0.25, 0.5, 0.75, 1.0], [0.125, 0.375, 0.625, 0.875], [0.0, 0.25, 0.5, 0.75]])
+    np.testing.assert_allclose(init_local_times(t, 4).numpy(),
+                               [[1.0, 1.0, 1.0, 1.0], [0.5, 0.75, 1.0, 1.0], [0.0, 0.25, 0.5, 0.75]])
+    end, start = rolling_local_times(torch.tensor(0.0), 4), rolling_local_times(torch.tensor(1.0), 4)
+    np.testing.assert_allclose(end[1:].numpy(), start[:-1].numpy())  # frame k + 1 at t = 0 is frame k at t = 1
+    assert start[-1] == 1.0 and end[0] == 0.0  # the appended frame is pure noise, the emitted one clean
+
+
+@pytest.mark.parametrize("rho", [7.0, -10.0])
+def test_noise_grows_over_the_window_from_zero_to_sigma_max(rho):
+    schedule = RollingSchedule(window=4, sigma_min=0.002, sigma_max=80.0, rho=rho)
+    t = torch.linspace(0.0, 1.0, 21, dtype=torch.float64)
+    rolling = schedule.sigmas(t, init=False)  # (21, 4)
+    init = schedule.sigmas(t, init=True)
+    assert (rolling.diff(dim=1) > 0).all() and (rolling.diff(dim=0) > 0).all()  # along the window and with t
+    assert (init.diff(dim=1) >= 0).all() and (init.diff(dim=0) >= 0).all()
+    assert rolling[0, 0] == 0.0 and rolling[-1, -1].item() == pytest.approx(80.0)
+    np.testing.assert_allclose(init[-1].numpy(), 80.0)  # the first window starts from pure noise
+    tiny = schedule.noise(torch.tensor([1e-9]))
+    assert tiny.item() == pytest.approx(0.002, rel=1e-3)  # sigma_min just above tau = 0
+    # Over its W passes of S uniform steps a frame meets EDM's schedule formula at W S evenly spaced local times.
+    tau = torch.linspace(1.0, 0.0, 4 * 5 + 1, dtype=torch.float64)[:-1]
+    low, high = 0.002 ** (1 / rho), 80.0 ** (1 / rho)
+    np.testing.assert_allclose(schedule.noise(tau).numpy(), (low + tau.numpy() * (high - low)) ** rho, rtol=1e-12)
+    with pytest.raises(ValueError, match="rho != 0"):
+        RollingSchedule(window=4, sigma_min=0.002, sigma_max=80.0, rho=0.0)
+
+
+def _tiny_model(window: int = 3) -> RollingDiffusion:
+    return RollingDiffusion(
+        n_channels=2, n_forcings=4, n_static=1, input_steps=2,
+        schedule=RollingSchedule(window=window, sigma_min=0.002, sigma_max=80.0, rho=-10.0),
+        latitude=np.linspace(-60, 60, 4), residual_scale=np.array([2.0, 0.5]), periodic_lon=True, sigma_data=1.0,
+        unet={"base_channels": 8, "channel_mult": (1,), "embedding_dim": 8},
+    )
+
+
+@pytest.mark.parametrize(("method", "init"), [("euler", False), ("heun", False), ("heun", True)])
+def test_a_pass_finishes_the_first_frame_and_brings_the_others_to_their_next_noise(method, init):
+    """With a denoiser that always returns the clean window y, the ODE x(sigma) = y + sigma / sigma_0 (x_0 - y) is
+    solved exactly by Euler and Heun steps: from y + sigma_k(t = 1) n, frame 0 ends at y exactly (sigma 0) and
+    frame k at y + sigma_k(t = 0) n, the noise it starts the next pass with."""
+    model = _tiny_model()
+    schedule = model.schedule
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn((2, 3, 2, 4, 6), generator=generator)
+    calls = []
+
+    def denoise(x, sigma, condition):
+        calls.append(sigma.clone())
+        return clean
+
+    model.denoise = denoise
+    start = schedule.sigmas(torch.tensor(1.0), init=init).float()  # (W,)
+    end = schedule.sigmas(torch.tensor(0.0), init=init).float()
+    noise = torch.randn(clean.shape, generator=generator)
+    x0 = clean + start.view(1, 3, 1, 1, 1) * noise
+    out = model.denoising_pass(x0, torch.zeros(2, 1, 4, 6), init=init, steps=4, method=method)
+    assert len(calls) == evaluations(method, 4)
+    assert all((sigma > 0).all() for sigma in calls)  # the network never sees a clean frame
+    torch.testing.assert_close(out[:, 0], clean[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[:, 1:], clean[:, 1:] + end[1:].view(1, 2, 1, 1, 1) * noise[:, 1:], rtol=1e-4, atol=1e-5)
+
+
+def test_objective_noises_each_frame_at_its_local_time_and_weights_frames(stores):
+    config = rolling_config(stores)
+    torch.manual_seed(0)
+    setup = TRAINABLE["rolling"](config)
+    assert isinstance(setup.objective, RollingObjective) and isinstance(setup.model, RollingDiffusion)
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(4)])
+    assert batch["targets"].shape[1] == WINDOW
+    metrics = setup.objective(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert set(metrics) == {"loss", "loss_first_frame", "loss_last_frame"} and metrics["loss"].requires_grad
+    weighted = RollingObjective(area_weights=setup.objective.area_weights.numpy(),
+                                channel_weights=setup.objective.channel_weights.numpy(), init_fraction=0.25,
+                                lognormal=(0.5, 1.2))
+    other = weighted(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert other["loss"].item() < metrics["loss"].item()  # weights of at most 1 per frame
+    # Frame k is the change from the state before it, in tendency-std units.
+    frames = setup.model.frames(batch["inputs"], batch["targets"])
+    scale = setup.model.residual_scale
+    torch.testing.assert_close(frames[:, 1], (batch["targets"][:, 1] - batch["targets"][:, 0]) * scale)
+    torch.testing.assert_close(setup.model.next_state(batch["inputs"][:, -1], frames[:, 0]), batch["targets"][:, 0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="without rollouts"):
+        setup.objective(setup.model, batch, steps=2, generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and forecasts
+# ----------------------------------------------------------------------------------------------
+def test_training_lowers_the_loss(trained):
+    """The zero network leaves D = c_skip x; the trained one must beat it and its random initialisation."""
+    before, after, zero = trained["before"], trained["after"], trained["zero"]
+    assert after < 0.8 * before and after < 0.8 * zero, (before, after, zero)
+    checkpoint = load_checkpoint(trained["checkpoint"], family="rolling")
+    assert checkpoint.metadata["global_step"] == 80 and checkpoint.graph is None
+
+
+def test_predict_writes_distinct_reproducible_members_past_the_training_window(trained, tmp_path):
+    steps = 3 * WINDOW + 1
+    out = tmp_path / "fc.zarr"
+    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
+                 "--members", "3", "--steps", str(steps), "--out", str(out)]) == 0
+    fc = open_forecast(out).load()
+    assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
+    assert fc.attrs["model_family"] == "rolling" and fc.attrs["model"] == "tiny-rolling"
+    np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta(6 * np.arange(1, steps + 1), unit="h").values)
+    z = fc["geopotential"].values
+    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
+    assert float(fc["2m_temperature"].std(MEMBER).min()) > 0  # members differ everywhere, at every lead
+    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "again.zarr", seed=0)
+    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
+                            fc[["geopotential", "2m_temperature"]])
+    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "other.zarr", seed=1)
+    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
+
+
+def test_members_do_not_depend_on_the_batching(trained, analysis):
+    forecaster = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    together = forecaster.forecast(analysis[GLOBAL], steps=4, members=3, starts=STARTS, seed=7)
+    forecaster.model_config = forecaster.model_config.model_copy(update={"member_batch": 1})
+    one_by_one = forecaster.forecast(analysis[GLOBAL], steps=4, members=3, starts=STARTS, seed=7, batch_size=3)
+    xr.testing.assert_allclose(together, one_by_one, rtol=1e-5)
+
+
+def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
+    first = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
+    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
+    assert isinstance(second, RollingDiffusionForecaster)
+    a = first.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
+    b = second.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
+    xr.testing.assert_equal(a, b)
+
+
+def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
+    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
+    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
+    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'rolling' one"):
+        RollingDiffusionForecaster.from_checkpoint(load_checkpoint(path))
+
+
+def test_family_is_registered_on_the_regional_grid_too(stores, analysis):
+    assert "rolling" in FAMILIES and "rolling" in TRAINABLE
+    forecaster = build_forecaster(rolling_config(stores, model={"grid": "regional", "sampler": "euler"}))
+    assert isinstance(forecaster, RollingDiffusionForecaster) and forecaster.grids == (REGIONAL,)
+    fc = forecaster.forecast(analysis[REGIONAL], steps=2, members=2, starts=STARTS)
+    assert dict(fc.sizes) == {TIME: 2, LEAD: 2, MEMBER: 2, "level": 1, "latitude": 6, "longitude": 9}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors, nothing written
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"training": {"rollout": [{"at_step": 0, "steps": 1}, {"at_step": 5, "steps": 2}]}}, ConfigError,
+         "trains whole windows"),
+        ({"training": {"regional_loss_share": 0.3}}, ConfigError, "regional_loss_share applies to two-grid models"),
+        ({"data": {"global_store": "REGIONAL"}}, SchemaError, "longitudes go round the globe"),
+        ({"training": {"train_period": ["2001-01-01", None]}}, SchemaError, "training period"),
+    ],
+)
+def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, error, message):
+    data = dict(change.get("data", {}))
+    if data.get("global_store") == "REGIONAL":
+        data["global_store"] = str(stores[1])
+    config = rolling_config(stores, model=change.get("model"), training=change.get("training"), data=data)
+    with pytest.raises(error, match=message):
+        train(config, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_rejects_a_flat_schedule(stores):
+    with pytest.raises(ConfigError, match="rho must not be 0"):
+        rolling_config(stores, model={"rho": 0.0})
