@@ -186,6 +186,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise ForecastingError(f"--steps and --members must be >= 1; got {args.steps}, {args.members}")
     starts = _start_times(args)
     stores = _key_values(args.store, option="--store")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = predict(
         args.checkpoint, starts=starts, members=args.members, steps=args.steps, out=args.out, stores=stores,
         boundary=args.boundary, seed=args.seed, batch_size=args.batch_size, device=args.device,
@@ -201,11 +205,124 @@ def _cmd_regrid(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {args.forecast} interpolated (bilinear) onto the grid of {args.like}")
 
 
-def _cmd_quickstart(args: argparse.Namespace) -> None:
-    from forecasting.quickstart import run_quickstart
+def _cmd_downscale(args: argparse.Namespace) -> None:
+    from forecasting.downscaling import downscale
 
-    report = run_quickstart(Path(args.workdir), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"quickstart report: {report}")
+    starts = _start_times(args) if (args.start or args.starts) else None
+    out = downscale(
+        args.forecast, checkpoint=args.checkpoint, out=args.out, members_per_input=args.members_per_input,
+        starts=starts, leads=[f"{h}h" for h in args.leads] if args.leads else None, sampler=args.sampler,
+        sampling_steps=args.sampling_steps, seed=args.seed,
+        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+    )
+    print(f"wrote fine forecast {out}: {args.forecast} downscaled with {args.checkpoint}, "
+          f"{args.members_per_input} member(s) per input member")
+
+
+def _cmd_pairs(args: argparse.Namespace) -> None:
+    from forecasting.data.pairs import make_derived_pairs
+
+    pairs = make_derived_pairs(
+        args.sources, args.out, factor=args.factor, variables=args.variables,
+        time=(args.start, args.end) if (args.start or args.end) else None,
+        area=tuple(args.area) if args.area else None,
+        train_period=(args.train_start, args.train_end) if (args.train_start or args.train_end) else None,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote derived pair: coarse {pairs.coarse}, fine {pairs.fine}")
+
+
+def _prefect_flows(quiet: bool = False):
+    """The flow registry (imported only here: the library itself never imports Prefect)."""
+    import os
+
+    if quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from workflows import flows
+
+    return flows
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    if args.no_prefect:
+        from forecasting.quickstart import run_quickstart
+
+        report = run_quickstart(Path(args.workdir), fast=args.fast, overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        flows = _prefect_flows(args.quiet)
+        report = flows.quickstart_flow(workdir=args.workdir, fast=args.fast, overwrite=args.overwrite,
+                                       progress=not args.quiet)
+    html = Path(report).with_suffix(".html")
+    print(f"quickstart report: {report}" + (f" (HTML: {html})" if html.exists() else ""))
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from forecasting.backtest import load_forecast_run
+
+    load_forecast_run(args.config)  # a bad config fails here, before any flow run
+    flows = _prefect_flows(args.quiet)
+    if args.verify_only:
+        if args.start:
+            raise ForecastingError("--start makes a forecast; it does not go with --verify-only")
+        verified = flows.verify_flow(config=args.config, overwrite=args.overwrite)
+        print(f"verified {len(verified)} earlier forecasts: {', '.join(verified) or 'none were due'}")
+        return
+    result = flows.forecast_flow(config=args.config, start=args.start, overwrite=args.overwrite)
+    verified = result["verified"]
+    print(f"forecast: {result['forecast']}")
+    print(f"verified {len(verified)} earlier forecasts: {', '.join(verified) or 'none were due'}")
+
+
+def _cmd_backtest(args: argparse.Namespace) -> None:
+    from forecasting.backtest import load_forecast_run, run_backtest
+
+    if args.workers is not None and args.workers < 1:
+        raise ForecastingError(f"--workers must be >= 1; got {args.workers}")
+    if args.address and args.workers:
+        raise ForecastingError("--address uses an existing Dask cluster and --workers sizes a new one: give one")
+    config = load_forecast_run(args.config)  # a bad config fails here, before any flow run
+    if not args.no_prefect:
+        outcome = _prefect_flows(args.quiet).backtest_flow(
+            config=args.config, overwrite=args.overwrite, address=args.address, workers=args.workers)
+        computed, reused, summary = outcome["computed"], outcome["reused"], outcome["summary"]
+    elif args.workers:
+        raise ForecastingError("--workers sizes the LocalCluster of the Prefect flow; with --no-prefect the start "
+                               "times run one after the other, or on the cluster at --address")
+    else:
+        log = None if args.quiet else print
+        if args.address:
+            from distributed import Client
+
+            with Client(args.address, timeout="30s") as client:
+                result = run_backtest(config, client=client, overwrite=args.overwrite, log=log)
+        else:
+            result = run_backtest(config, overwrite=args.overwrite, log=log)
+        computed, reused, summary = result.computed, result.reused, result.summary
+    print(f"backtest: {len(computed)} start times scored now, {len(reused)} already scored; "
+          f"summary: {Path(summary) / 'summary.md'}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from workflows.serve import serve_deployments
+
+    serve_deployments(args.config)
+
+
+def _cmd_flow(args: argparse.Namespace) -> None:
+    import yaml
+
+    flows = _prefect_flows(args.quiet)
+    chosen = flows.FLOWS[args.name]
+    parameters = {k: yaml.safe_load(v) for k, v in _key_values(args.param, option="--param").items()}
+    if args.config is not None:
+        parameters["config"] = args.config
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+
+    try:
+        chosen.validate_parameters(parameters)
+    except (ParameterTypeError, SignatureMismatchError) as exc:
+        raise ForecastingError(f"flow {args.name}: {exc}") from None
+    print(f"flow {args.name} returned: {chosen(**parameters)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,15 +335,90 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "quickstart",
-        help="run the whole pipeline on the built-in data",
+        help="run the whole pipeline on the built-in data (a Prefect flow)",
         description="Simulate the built-in dataset, ingest it into analysis-ready Zarr stores (coarse global, "
-        "fine regional, stations) and write WORKDIR/report.md.",
+        "fine regional, stations), train small versions of the models listed in configs/quickstart.yaml, "
+        "forecast ensembles for the held-out last quarter, verify them and the persistence and climatology "
+        "baselines against the gridded truth and the stations, and write WORKDIR/report.md and report.html "
+        "(timings, scorecards, plots). Each step is a task of the 'quickstart' Prefect flow (no server needed); "
+        "steps already done are reused, so an interrupted run continues where it stopped.",
     )
     p.add_argument("--workdir", default="data/quickstart", help="where everything is written (default: %(default)s)")
-    p.add_argument("--fast", action="store_true", help="a small, quick version (a 30-day, low-resolution simulation)")
-    p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--fast", action="store_true",
+                   help="a small, quick version: a 30-day, low-resolution simulation and a few training steps")
+    p.add_argument("--overwrite", action="store_true", help="recompute every step, even those already done")
+    p.add_argument("--no-prefect", action="store_true", help="run the steps in this process without Prefect")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only warnings from Prefect")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser(
+        "run",
+        help="forecast from the latest analysis and verify earlier forecasts (the 'forecast' flow)",
+        description="One cycle of an operational forecast, as the 'forecast' Prefect flow: the model of CONFIG "
+        "(its 'forecast' section, e.g. configs/backtest.yaml: checkpoint, stores, members, steps, out) forecasts "
+        "from the latest analysis time "
+        "all its stores hold (or --start) into OUT/forecasts/<start>.zarr; then every earlier forecast in "
+        "OUT/forecasts whose leads the truth now covers, and that is not verified yet, is verified against the "
+        "truth and the stations into OUT/verification/<start>/. A forecast that exists is not made again.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML with a 'forecast' section (e.g. configs/backtest.yaml)")
+    p.add_argument("--start", metavar="TIME", help="the start time (default: the latest analysis time in the stores)")
+    p.add_argument("--verify-only", action="store_true", help="only verify earlier forecasts (the 'verify' flow)")
+    p.add_argument("--overwrite", action="store_true", help="make the forecast (and verifications) again")
+    p.add_argument("--quiet", action="store_true", help="only warnings from Prefect")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "backtest",
+        help="forecast and score many start times on a Dask cluster (the 'backtest' flow)",
+        description="Forecast every start time of CONFIG's 'starts' with its model, score each against the "
+        "gridded truth, the stations and the baselines for the same start, and stream the scores to "
+        "OUT/scores/<start>.nc, one small file per start time; then write OUT/summary (scores, scorecards "
+        "against each baseline, plots, summary.md). Start times fan out over Dask: the scheduler at the "
+        "config's dask.address, else a LocalCluster of dask.n_workers workers. Start times already scored are "
+        "skipped, so an interrupted backtest run again computes only the missing ones.",
+    )
+    p.add_argument("config", metavar="CONFIG",
+                   help="YAML with a 'forecast' section holding 'starts' (e.g. configs/backtest.yaml)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="run on this Dask scheduler (e.g. tcp://127.0.0.1:8786) instead of the config's dask section")
+    p.add_argument("--workers", type=int, metavar="N", help="workers of the LocalCluster (default: dask.n_workers)")
+    p.add_argument("--no-prefect", action="store_true",
+                   help="without Prefect: start times one after the other in this process, or on --address")
+    p.add_argument("--overwrite", action="store_true", help="score every start time again")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only warnings from Prefect")
+    p.set_defaults(func=_cmd_backtest)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the flows as deployments on cron schedules against a Prefect server",
+        description="Register the deployments of CONFIG (its 'serve' section, e.g. configs/serve.yaml: flow, cron or "
+        "interval, parameters) "
+        "with the Prefect server at PREFECT_API_URL and run their scheduled flow runs until stopped (Ctrl-C). "
+        "Start a server first: 'prefect server start --host 127.0.0.1', then "
+        "'export PREFECT_API_URL=http://127.0.0.1:4200/api'; watch the runs at http://127.0.0.1:4200.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="YAML with a 'serve' section (e.g. configs/serve.yaml)")
+    p.set_defaults(func=_cmd_serve)
+
+    from typing import get_args
+
+    from forecasting.config import FlowName
+
+    p = sub.add_parser(
+        "flow",
+        help="run one Prefect flow by name (ingest, train, forecast, verify, backtest, quickstart, downscale)",
+        description="Run the named flow once, locally (Prefect's temporary server) or against PREFECT_API_URL, "
+        "exactly as a deployment of 'forecast serve' would: ingest CONFIG (its 'ingest' entries), train CONFIG, "
+        "forecast CONFIG, verify CONFIG, backtest CONFIG, quickstart (--param workdir=DIR --param fast=true), "
+        "downscale (--param forecast=F.zarr --param checkpoint=CKPT --param out=OUT.zarr).",
+    )
+    p.add_argument("name", choices=list(get_args(FlowName)))
+    p.add_argument("config", nargs="?", metavar="CONFIG", help="the flow's config file")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="another flow parameter (YAML value: true, 3, text); repeatable")
+    p.add_argument("--quiet", action="store_true", help="only warnings from Prefect")
+    p.set_defaults(func=_cmd_flow)
 
     p = sub.add_parser(
         "simulate",
@@ -301,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forecast", required=True, help="forecast Zarr (an analysis store counts as a lead-0 forecast)")
     p.add_argument("--truth", help="gridded truth store on the same grid")
     p.add_argument("--obs", help="observations: a station store, CSV, Parquet or station netCDF")
-    p.add_argument("--reference", help="persistence, climatology (built from --truth) or another forecast Zarr")
+    p.add_argument("--reference", action="append",
+                   help="persistence, climatology (built from --truth) or another forecast Zarr; repeatable (all are "
+                        "scored, the scorecard is against the first)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--region", action="append", nargs=5, metavar=("NAME", "LAT_MIN", "LAT_MAX", "LON_MIN", "LON_MAX"),
                    help="an extra named region to score (repeatable)")
@@ -350,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the members' noise (default %(default)s)")
     p.add_argument("--batch-size", type=int, metavar="N", help="start times x members per model call (default: all)")
     p.add_argument("--device", default="cpu", help="torch device (default %(default)s; e.g. cuda)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: one per core; 1 is often faster on a busy machine)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
     p.set_defaults(func=_cmd_predict)
 
@@ -365,6 +561,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="OUT.zarr", help="output forecast Zarr")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(func=_cmd_regrid)
+
+    p = sub.add_parser(
+        "downscale",
+        help="downscale a coarse forecast to the fine regional grid with a trained downscaling model",
+        description="Turn the coarse forecast F.zarr (forecast layout; an analysis store counts as a lead-0 forecast) "
+        "into a fine regional forecast OUT.zarr in the same layout with the downscaling model CKPT (regression + "
+        "residual diffusion): start times and leads are kept (all, or those of --start/--starts and --leads), each input "
+        "member gives --members-per-input members, streamed lead by lead, with provenance attributes.",
+    )
+    p.add_argument("forecast", metavar="F.zarr", help="coarse forecast Zarr (a group such as F.zarr/global) or analysis store")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="downscaling checkpoint (model.pt of forecast train)")
+    p.add_argument("--out", required=True, metavar="OUT.zarr", help="output fine forecast Zarr")
+    p.add_argument("--members-per-input", type=int, default=1, metavar="K",
+                   help="output members per input member (default %(default)s; 1 for a regression-only model)")
+    p.add_argument("--start", action="append", metavar="TIME", help="a start time to downscale (repeatable; default: all)")
+    p.add_argument("--starts", nargs=3, metavar=("FROM", "TO", "EVERY"), help="start times FROM..TO every EVERY (e.g. 24h)")
+    p.add_argument("--leads", nargs="+", type=float, metavar="HOURS", help="leads to downscale, in hours (default: all)")
+    p.add_argument("--sampler", choices=["euler", "heun", "dpmpp_2m"], help="diffusion solver (default: the checkpoint's)")
+    p.add_argument("--sampling-steps", type=int, metavar="N", help="schedule intervals (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples' noise (default %(default)s)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="samples per network call (default: model.member_batch)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s; e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_cmd_downscale)
+
+    p = sub.add_parser(
+        "pairs",
+        help="make derived (coarse, fine) downscaling pairs by coarsening a fine dataset",
+        description="Read a fine dataset (files, globs, URLs or catalog names), average blocks of FACTOR x FACTOR cells "
+        "(area-weighted) into a coarse grid, and write DIR/coarse.zarr and DIR/fine.zarr (the fine points between the "
+        "coarse cell centres) as training stores labelled as derived.",
+    )
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="fine dataset: files, globs, URLs or catalog names")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory of the pair")
+    p.add_argument("--factor", type=int, required=True, help="fine cells per coarse cell along each axis (e.g. 4)")
+    p.add_argument("--variables", nargs="+", metavar="V", help="canonical variable names to keep")
+    p.add_argument("--start", help="first time to keep (ISO)")
+    p.add_argument("--end", help="last time to keep (ISO)")
+    p.add_argument("--area", nargs=4, type=float, metavar=("LAT_MIN", "LAT_MAX", "LON_MIN", "LON_MAX"),
+                   help="keep only this box (on one side of the 0/360 meridian, longitudes in 0..360)")
+    p.add_argument("--train-start", help="first time of the statistics period")
+    p.add_argument("--train-end", help="last time of the statistics period")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=_cmd_pairs)
 
     p = sub.add_parser("stats", help="print a store's contents and normalisation statistics",
                        description="Print the variables, time axis, chunks and statistics of STORE.zarr.")

@@ -212,9 +212,235 @@ class ClimatologyModelConfig(StrictModel):
         return self
 
 
-#: The model families, picked by the ``family`` key (see forecasting.forecasters.FAMILIES).
+class UNetSizesConfig(StrictModel):
+    """The sizes of a forecasting.models.UNet: ``base_channels``, ``channel_mult`` (channels per resolution
+    level, in multiples of ``base_channels``), ``blocks_per_level``, ``embedding_dim`` (of the conditioning
+    embedding; even) and ``dropout``. A base of the model configs whose networks are U-Nets."""
+
+    base_channels: int = Field(32, ge=1)
+    channel_mult: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 2], min_length=1, max_length=6)
+    blocks_per_level: int = Field(1, ge=1)
+    embedding_dim: int = Field(64, ge=2)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _even_embedding(self) -> UNetSizesConfig:
+        if self.embedding_dim % 2:
+            raise ValueError(f"embedding_dim must be even; found {self.embedding_dim}")
+        return self
+
+    def unet_sizes(self) -> dict[str, Any]:
+        """The sizes as keyword arguments of forecasting.models.UNet (``channel_mult`` as a tuple)."""
+        return {
+            "base_channels": self.base_channels,
+            "channel_mult": tuple(self.channel_mult),
+            "blocks_per_level": self.blocks_per_level,
+            "embedding_dim": self.embedding_dim,
+            "dropout": self.dropout,
+        }
+
+
+class OneGridDiffusionConfig(UNetSizesConfig):
+    """Keys shared by the one-grid diffusion families (``diffusion``, ``rolling``, ``dyffusion``).
+
+    ``grid`` picks ``data.global_store`` (periodic in longitude) or ``data.regional_store``; the networks see
+    the last ``input_steps`` states; ``member_batch`` samples (start time x member) go through the network at
+    once when forecasting; U-Net sizes as in :class:`UNetSizesConfig`.
+    """
+
+    grid: Literal["global", "regional"] = "global"
+    input_steps: int = Field(2, ge=1, le=8)
+    member_batch: int = Field(8, ge=1)
+
+
+class EDMSamplingConfig(StrictModel):
+    """The EDM constants and sampler settings of a Karras et al. 2022 diffusion model.
+
+    ``sigma_data``, ``sigma_min``, ``sigma_max``, ``rho``, ``p_mean``, ``p_std`` default (None) to the paper's
+    (forecasting.diffusion.edm.EDMConfig). Sampling: ``sampler``, ``sampling_steps`` schedule intervals,
+    stochastic churn ``churn`` with ``s_noise`` between ``s_tmin`` and ``s_tmax`` (None: no upper bound)
+    (EDM Algorithm 2).
+    """
+
+    sigma_data: float | None = Field(None, gt=0)
+    sigma_min: float | None = Field(None, gt=0)
+    sigma_max: float | None = Field(None, gt=0)
+    rho: float | None = Field(None, gt=0)
+    p_mean: float | None = None
+    p_std: float | None = Field(None, gt=0)
+    sampler: Literal["euler", "heun", "dpmpp_2m"] = "heun"
+    sampling_steps: int = Field(20, ge=1)
+    churn: float = Field(0.0, ge=0)
+    s_noise: float = Field(1.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> EDMSamplingConfig:
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if self.s_tmax is not None and self.s_tmin > self.s_tmax:
+            raise ValueError(f"s_tmin ({self.s_tmin}) must not exceed s_tmax ({self.s_tmax})")
+        return self
+
+    def edm_settings(self) -> dict[str, float]:
+        """The EDM constants set in the config (the rest keep the paper's values)."""
+        names = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
+        return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
+
+
+# EDMSamplingConfig comes first among the bases so that pydantic, which runs the validators of the bases in
+# reverse method-resolution order, checks embedding_dim before the EDM bounds (as the flat class did).
+class DiffusionModelConfig(EDMSamplingConfig, OneGridDiffusionConfig):
+    """The conditional diffusion forecaster (forecasting.diffusion.conditional; GenCast-style).
+
+    One grid per model (``grid``). A forecasting.models.UNet (sizes as in :class:`UNetSizesConfig`) denoises
+    the next state's residual given the last ``input_steps`` states, with the EDM constants and sampler
+    settings of :class:`EDMSamplingConfig`; ``member_batch`` samples (start time x member) per sampler call.
+    """
+
+    family: Literal["diffusion"] = "diffusion"
+
+
+class RollingDiffusionModelConfig(OneGridDiffusionConfig):
+    """Rolling diffusion (forecasting.diffusion.rolling; Ruhe et al. 2024, "Rolling Diffusion Models").
+
+    One grid per model (``grid`` as for the diffusion family). A window of ``window`` future states (their
+    successive changes in tendency-std units) is denoised together, the noise of each growing with its lead;
+    each sampling pass of ``sampling_steps`` steps (``sampler`` euler: one network evaluation a step, heun:
+    two but on the last) finishes and emits the first state and appends a fully noised one. The first
+    window comes from pure noise in ``init_steps`` steps of the init schedule; ``init_fraction`` of the
+    training windows are noised with that schedule, the rest with the rolling one. Local diffusion time
+    ``tau`` maps to noise ``sigma = (sigma_min^(1/rho) + tau (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``
+    (EDM's schedule; ``rho < 0`` keeps more of the window at low noise, which ERDM, Ruehling Cachay et al.
+    2025, found best); ``sigma_data`` is the EDM preconditioning's data std. With ``p_mean`` set, each frame's
+    loss is also weighted by ``exp(-(ln sigma - p_mean)^2 / (2 p_std^2))`` (ERDM's log-normal weighting; None:
+    EDM's weighting alone). U-Net sizes as in :class:`UNetSizesConfig`;
+    ``member_batch`` samples (start time x member) per network call.
+    """
+
+    family: Literal["rolling"] = "rolling"
+    window: int = Field(4, ge=1, le=32)
+    sigma_data: float = Field(1.0, gt=0)
+    sigma_min: float = Field(0.002, gt=0)
+    sigma_max: float = Field(80.0, gt=0)
+    rho: float = -10.0
+    p_mean: float | None = None
+    p_std: float = Field(1.2, gt=0)
+    init_fraction: float = Field(0.25, ge=0, le=1)
+    sampler: Literal["euler", "heun"] = "heun"
+    sampling_steps: int = Field(8, ge=1)
+    init_steps: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> RollingDiffusionModelConfig:
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if self.rho == 0:
+            raise ValueError("rho must not be 0 (the schedule is sigma = (...)^rho)")
+        return self
+
+
+class DYffusionModelConfig(OneGridDiffusionConfig):
+    """DYffusion (forecasting.diffusion.dyffusion; Ruehling Cachay et al. 2023) on one grid (``grid``).
+
+    A stochastic interpolator ``I(x_t, x_{t+h}, i)`` (dropout ``interpolator_dropout``, kept on when
+    forecasting) and a forecaster ``F(x_{t+i}, i) -> x_{t+h}`` over ``horizon`` steps ``h``, two
+    forecasting.models.UNet of the same sizes (:class:`UNetSizesConfig`; ``dropout`` is the forecaster's, off
+    when forecasting). Training runs both stages in one ``forecast train``: the interpolator for
+    ``interpolator_steps`` optimiser steps
+    (None: half of ``training.max_steps``), then the forecaster on interpolated states with the interpolator
+    frozen; ``lookahead_weight`` is the share of the forecaster loss taken by the paper's one-step look-ahead
+    term. Sampling (cold sampling) visits ``sampling_steps`` interpolation times per window (None: the
+    horizon): the whole steps 0 .. h-1 plus ``sampling_steps - horizon`` extra ones evenly in (0, 1);
+    ``member_batch`` samples (start time x member) per network call.
+    """
+
+    family: Literal["dyffusion"] = "dyffusion"
+    input_steps: int = Field(1, ge=1, le=8)
+    horizon: int = Field(4, ge=2, le=64)
+    interpolator_dropout: float = Field(0.15, gt=0, lt=1)
+    interpolator_steps: int | None = Field(None, ge=1)
+    lookahead_weight: float = Field(0.5, ge=0, lt=1)
+    sampling_steps: int | None = Field(None, ge=2)
+
+    @model_validator(mode="after")
+    def _valid(self) -> DYffusionModelConfig:
+        if self.sampling_steps is not None and self.sampling_steps < self.horizon:
+            raise ValueError(
+                f"sampling_steps ({self.sampling_steps}) must be at least the horizon ({self.horizon}): every step "
+                "0 .. horizon-1 is a sampling step"
+            )
+        return self
+
+
+class DownscalingModelConfig(StrictModel):
+    """Regional downscaling (forecasting.downscaling): a regression U-Net plus a residual diffusion model
+    (CorrDiff, Mardani et al. 2024), from a coarse field to the fine regional field.
+
+    ``data.global_store`` holds the coarse fields (any grid covering the fine one: global, or a coarsened
+    regional store), ``data.regional_store`` the fine fields (targets) and the fine static fields.
+    ``stage``: ``regression`` trains the regression network alone (a deterministic model); ``diffusion`` trains
+    the residual diffusion model on top of the frozen regression network of ``regression_checkpoint`` (a
+    downscaling checkpoint); ``both`` trains the regression for ``regression_steps`` optimiser steps (None: half
+    of ``training.max_steps``), then the diffusion model with the regression frozen, in one run. The two
+    :class:`~forecasting.models.UNet` share the sizes ``base_channels``, ``channel_mult``, ``blocks_per_level``,
+    ``embedding_dim`` and ``dropout``. EDM constants (None: the paper's, forecasting.diffusion.edm.EDMConfig) and
+    sampling (``sampler``, ``sampling_steps``, ``churn``, ``s_noise``, ``s_tmin``, ``s_tmax``) as for the
+    diffusion family; ``member_batch`` samples go through the network at once.
+    """
+
+    family: Literal["downscaling"] = "downscaling"
+    stage: Literal["regression", "diffusion", "both"] = "both"
+    regression_steps: int | None = Field(None, ge=1)
+    regression_checkpoint: str | None = None
+    base_channels: int = Field(32, ge=1)
+    channel_mult: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 2], min_length=1, max_length=6)
+    blocks_per_level: int = Field(1, ge=1)
+    embedding_dim: int = Field(64, ge=2)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    sigma_data: float | None = Field(None, gt=0)
+    sigma_min: float | None = Field(None, gt=0)
+    sigma_max: float | None = Field(None, gt=0)
+    rho: float | None = Field(None, gt=0)
+    p_mean: float | None = None
+    p_std: float | None = Field(None, gt=0)
+    sampler: Literal["euler", "heun", "dpmpp_2m"] = "heun"
+    sampling_steps: int = Field(18, ge=1)
+    churn: float = Field(0.0, ge=0)
+    s_noise: float = Field(1.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float | None = Field(None, gt=0)
+    member_batch: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> DownscalingModelConfig:
+        if self.stage == "diffusion" and self.regression_checkpoint is None:
+            raise ValueError("stage 'diffusion' needs regression_checkpoint (a trained downscaling checkpoint)")
+        if self.stage != "diffusion" and self.regression_checkpoint is not None:
+            raise ValueError(f"regression_checkpoint is only used by stage 'diffusion'; the stage is {self.stage!r}")
+        if self.stage != "both" and self.regression_steps is not None:
+            raise ValueError(f"regression_steps is only used by stage 'both'; the stage is {self.stage!r}")
+        if self.embedding_dim % 2:
+            raise ValueError(f"embedding_dim must be even; found {self.embedding_dim}")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if self.s_tmax is not None and self.s_tmin > self.s_tmax:
+            raise ValueError(f"s_tmin ({self.s_tmin}) must not exceed s_tmax ({self.s_tmax})")
+        return self
+
+    def edm_settings(self) -> dict[str, float]:
+        """The EDM constants set in the config (the rest keep the paper's values)."""
+        names = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
+        return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
+
+
+#: The model families, picked by the ``family`` key (see forecasting.forecasters.FAMILIES; ``downscaling`` is
+#: not a forecaster but a downscaler, see forecasting.downscaling).
 ModelConfig = Annotated[
-    GraphModelConfig | PersistenceModelConfig | ClimatologyModelConfig, Field(discriminator="family")
+    GraphModelConfig | PersistenceModelConfig | ClimatologyModelConfig | DiffusionModelConfig
+    | RollingDiffusionModelConfig | DYffusionModelConfig | DownscalingModelConfig,
+    Field(discriminator="family"),
 ]
 
 
@@ -234,7 +460,9 @@ class TrainingConfig(StrictModel):
     every level) or channel (``geopotential@500``); unnamed ones weigh 1. ``regional_loss_share`` is the
     share of the loss on the regional nodes (None: their share of the area). ``ensemble_size`` members per
     sample are drawn for the fair CRPS of a probabilistic model. ``precision`` ``auto`` is ``bf16-mixed`` on
-    a GPU and ``32-true`` on the CPU. ``out_dir`` defaults to ``runs/<name>``.
+    a GPU and ``32-true`` on the CPU. ``out_dir`` defaults to ``runs/<name>``. ``num_threads`` sets torch's
+    CPU threads (None: torch's default, one per core); on a small shared machine 1 is often several times
+    faster than 2, because two threads contending with other processes wait on each other.
     """
 
     train_period: Period = (None, None)
@@ -255,6 +483,7 @@ class TrainingConfig(StrictModel):
     regional_loss_share: float | None = Field(None, ge=0, le=1)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    num_threads: int | None = Field(None, ge=1)
     accelerator: str = "auto"
     devices: int | str = "auto"
     num_nodes: int = Field(1, ge=1)
@@ -288,6 +517,175 @@ class TrainingConfig(StrictModel):
         return max(stage.steps for stage in self.rollout)
 
 
+class QuickstartModelConfig(StrictModel):
+    """One model the quickstart trains, forecasts with and verifies (see forecasting.quickstart).
+
+    ``config`` is an experiment YAML (relative to the project root unless absolute) whose ``model`` and
+    ``training`` sections are used; the quickstart points its ``data`` stores at the quickstart's stores
+    and its training and validation periods at the held-in and held-out parts of the record.
+    ``overrides`` are merged into that config section by section (``{model: {noise_channels: 8}}``).
+    ``name`` (default: the config's ``name``) names the run directory, the forecast and its scores.
+    ``max_steps`` and ``fast_max_steps`` are the optimiser steps of the default and the ``--fast`` run
+    (they also set the length of the learning-rate schedule); ``members`` the ensemble size forecast.
+    """
+
+    config: str
+    name: str | None = None
+    overrides: dict[str, Any] = {}
+    max_steps: int = Field(200, ge=1)
+    fast_max_steps: int = Field(5, ge=1)
+    members: int = Field(1, ge=1)
+
+
+class QuickstartConfig(StrictModel):
+    """The quickstart's models and forecasts (the ``quickstart`` section of configs/quickstart.yaml).
+
+    Forecasts start at 00 UTC every ``start_every`` through the held-out last quarter of the record and
+    run ``forecast_steps`` model steps; the ``fast_*`` values replace them in ``forecast quickstart --fast``.
+    ``bootstrap``: resamples of the scorecards' paired bootstrap.
+    """
+
+    models: list[QuickstartModelConfig] = []
+    forecast_steps: int = Field(20, ge=1)
+    fast_forecast_steps: int = Field(8, ge=1)
+    start_every: str = "48h"
+    fast_start_every: str = "24h"
+    bootstrap: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _valid(self) -> QuickstartConfig:
+        for key in ("start_every", "fast_start_every"):
+            value = getattr(self, key)
+            try:
+                every = pd.Timedelta(value)
+            except ValueError:
+                raise ValueError(f"{key} {value!r} is not a time interval (e.g. '48h')") from None
+            if every < pd.Timedelta(hours=1):
+                raise ValueError(f"{key} must be at least 1h; found {value!r}")
+        return self
+
+
+class StartTimesConfig(StrictModel):
+    """Start times ``first``, ``first + every``, ... up to ``last`` (inclusive), e.g. every ``24h``."""
+
+    first: str
+    last: str
+    every: str = "24h"
+
+    @model_validator(mode="after")
+    def _valid(self) -> StartTimesConfig:
+        try:
+            first, last, every = pd.Timestamp(self.first), pd.Timestamp(self.last), pd.Timedelta(self.every)
+        except ValueError as exc:
+            raise ValueError(f"cannot read start times {self.first!r} .. {self.last!r} every {self.every!r}: {exc}") from None
+        if every <= pd.Timedelta(0):
+            raise ValueError(f"every must be positive; found {self.every!r}")
+        if last < first:
+            raise ValueError(f"last ({self.last}) is before first ({self.first})")
+        return self
+
+    def times(self) -> pd.DatetimeIndex:
+        return pd.date_range(pd.Timestamp(self.first), pd.Timestamp(self.last), freq=pd.Timedelta(self.every))
+
+
+class DaskConfig(StrictModel):
+    """Where a backtest's start times run: the scheduler at ``address`` (e.g. ``tcp://10.0.0.5:8786``), or a
+    ``distributed.LocalCluster`` of ``n_workers`` workers with ``threads_per_worker`` threads each, worker
+    processes when ``processes`` (else threads of this process)."""
+
+    address: str | None = None
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = True
+
+
+class ForecastRunConfig(StrictModel):
+    """A trained model's forecasts and their verification (the ``forecast`` section, configs/backtest.yaml):
+    what ``forecast backtest`` scores over many start times and ``forecast run`` makes from the latest
+    analysis (see forecasting.backtest).
+
+    ``checkpoint``: a ``model.pt``. ``out``: the output folder. ``stores``: grid (``global``,
+    ``regional``) -> initial-condition store; grids not named use the stores of the checkpoint's config.
+    ``truth``: grid -> truth store (default: the initial-condition store). ``observations``: a station
+    store, CSV, Parquet or station netCDF. ``members``, ``steps``, ``seed``, ``batch_size``: as for
+    ``forecast predict``. ``starts``: the backtest's start times. ``baselines``: scored for the same
+    starts; the first is the reference of the forecast cycle's scorecards. ``regions``: extra named boxes
+    scored on global grids. ``n_resamples``: bootstrap resamples of the scorecards. ``keep_forecasts``:
+    keep each backtest start's forecast in ``OUT/forecasts``. ``plots``: draw the summary plots. ``dask``:
+    where the backtest's start times run.
+    """
+
+    checkpoint: str
+    out: str
+    stores: dict[str, str] = {}
+    truth: dict[str, str] = {}
+    observations: str | None = None
+    members: int = Field(1, ge=1)
+    steps: int = Field(20, ge=1)
+    seed: int = 0
+    batch_size: int | None = Field(None, ge=1)
+    starts: StartTimesConfig | None = None
+    baselines: list[Literal["persistence", "climatology"]] = ["persistence", "climatology"]
+    regions: dict[str, RegionConfig] = {}
+    station_method: Literal["bilinear", "nearest"] = "bilinear"
+    n_resamples: int = Field(1000, ge=1)
+    keep_forecasts: bool = False
+    plots: bool = True
+    dask: DaskConfig = DaskConfig()
+
+    @model_validator(mode="after")
+    def _valid(self) -> ForecastRunConfig:
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"baselines holds duplicates: {self.baselines}")
+        return self
+
+
+#: The flows ``forecast serve`` can deploy (workflows.flows.FLOWS holds them).
+FlowName = Literal["ingest", "train", "forecast", "verify", "backtest", "quickstart", "downscale"]
+
+
+class DeploymentConfig(StrictModel):
+    """One deployment of ``forecast serve``: ``flow`` run with ``parameters`` on a ``cron`` schedule (in
+    ``timezone``) or every ``interval`` (``6h``)."""
+
+    name: str
+    flow: FlowName
+    cron: str | None = None
+    interval: str | None = None
+    timezone: str = "UTC"
+    parameters: dict[str, Any] = {}
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> DeploymentConfig:
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give exactly one of cron and interval")
+        if self.interval is not None:
+            try:
+                every = pd.Timedelta(self.interval)
+            except ValueError:
+                raise ValueError(f"interval {self.interval!r} is not a time interval (e.g. '6h')") from None
+            if every < pd.Timedelta(minutes=1):
+                raise ValueError(f"interval must be at least 1 minute; found {self.interval!r}")
+        return self
+
+
+class ServeConfig(StrictModel):
+    """The deployments of ``forecast serve`` (the ``serve`` section, configs/serve.yaml) and how many of
+    their flow runs may run at once (``limit``)."""
+
+    deployments: list[DeploymentConfig] = Field(min_length=1)
+    limit: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeConfig:
+        names = [d.name for d in self.deployments]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"deployment names must be unique; repeated: {repeated}")
+        return self
+
+
 class ExperimentConfig(StrictModel):
     """Top-level experiment config (configs/*.yaml)."""
 
@@ -298,6 +696,9 @@ class ExperimentConfig(StrictModel):
     data: ForecastDataConfig | None = None
     model: ModelConfig | None = None
     training: TrainingConfig | None = None
+    quickstart: QuickstartConfig | None = None
+    forecast: ForecastRunConfig | None = None
+    serve: ServeConfig | None = None
 
 
 def _format_validation_error(exc: ValidationError, path: str) -> str:

@@ -93,7 +93,10 @@ __all__ = [
     "bilinear_weights",
     "boundary_strip",
     "build_forecaster",
+    "check_axis",
     "draw_noise",
+    "member_seed",
+    "step_text",
 ]
 
 GLOBAL = "global"
@@ -164,6 +167,26 @@ class Channels:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def loss_weights(self, variable_weights: Mapping[str, float]) -> np.ndarray:
+        """Per-channel loss weights (C,), float64, mean 1, from weights per variable or per channel name
+        (a channel's own weight wins over its variable's; default 1).
+
+        Raises ConfigError naming keys that are neither a variable nor a channel, or when all weights are 0.
+        """
+        names = self.names
+        unknown = sorted(set(variable_weights) - set(names) - set(self.variables))
+        if unknown:
+            raise ConfigError(
+                f"training.variable_weights names {unknown}, which are neither variables {list(self.variables)} "
+                f"nor channels {list(names)}"
+            )
+        weights = np.array([
+            variable_weights.get(name, variable_weights.get(name.split("@")[0], 1.0)) for name in names
+        ], dtype=np.float64)
+        if weights.sum() <= 0:
+            raise ConfigError("training.variable_weights leave every channel with weight 0")
+        return weights / weights.mean()
 
     def check_matches(self, ds: xr.Dataset, *, source: str, extra_dims: Sequence[str] = ()) -> None:
         """Raise SchemaError unless ``ds`` holds these variables with the same level dims, levels and units
@@ -1164,7 +1187,7 @@ class GraphForecaster(Forecaster):
         data = {
             "channels": self.channels.to_dict(),
             "static": self.static.to_dict(),
-            "step": _step_text(self.step),
+            "step": step_text(self.step),
             "grids": list(self.grids),
         }
         return save_checkpoint(
@@ -1192,23 +1215,8 @@ class GraphForecaster(Forecaster):
         return weights / weights.sum()
 
     def channel_weights(self, variable_weights: Mapping[str, float]) -> np.ndarray:
-        """Per-channel loss weights (C,), mean 1, from weights per variable or channel (default 1).
-
-        Raises ConfigError naming keys that are neither a variable nor a channel, or when all weights are 0.
-        """
-        names = self.channels.names
-        unknown = sorted(set(variable_weights) - set(names) - set(self.channels.variables))
-        if unknown:
-            raise ConfigError(
-                f"training.variable_weights names {unknown}, which are neither variables {list(self.channels.variables)} "
-                f"nor channels {list(names)}"
-            )
-        weights = np.array([
-            variable_weights.get(name, variable_weights.get(name.split("@")[0], 1.0)) for name in names
-        ], dtype=np.float64)
-        if weights.sum() <= 0:
-            raise ConfigError("training.variable_weights leave every channel with weight 0")
-        return weights / weights.mean()
+        """Per-channel loss weights (C,), mean 1: :meth:`Channels.loss_weights` of the forecast channels."""
+        return self.channels.loss_weights(variable_weights)
 
     # -- inference -------------------------------------------------------------------------------
     def check_initial(self, initial: Mapping[str, xr.Dataset], starts: pd.DatetimeIndex) -> None:
@@ -1216,8 +1224,8 @@ class GraphForecaster(Forecaster):
         for grid in self.layout.grids:
             ds = initial[grid.name]
             source = f"initial conditions ({grid.name} grid)"
-            _check_axis(ds, LAT, grid.latitude, source=source)
-            _check_axis(ds, LON, grid.longitude, source=source)
+            check_axis(ds, LAT, grid.latitude, source=source)
+            check_axis(ds, LON, grid.longitude, source=source)
             missing = [v for v in self.static.variables if v not in ds.data_vars]
             if missing:
                 raise SchemaError(f"{source}: static variables {missing} are not in the analysis")
@@ -1250,7 +1258,7 @@ class GraphForecaster(Forecaster):
 
         boundary_fn = self._boundary_source(boundary, starts, members) if self.limited_area else None
         generators = [
-            torch.Generator(device=device).manual_seed(_member_seed(seed, start, m))
+            torch.Generator(device=device).manual_seed(member_seed(seed, start, m))
             for start in starts for m in range(members)
         ] if self.probabilistic else None
 
@@ -1335,19 +1343,22 @@ class GraphForecaster(Forecaster):
         return at_step
 
 
-def _step_text(step: pd.Timedelta) -> str:
+def step_text(step: pd.Timedelta) -> str:
+    """``step`` as checkpoints store it: whole hours as ``"6h"``, otherwise seconds as ``"90s"``."""
     seconds = int(step.total_seconds())
     return f"{seconds // 3600}h" if seconds % 3600 == 0 else f"{seconds}s"
 
 
-def _member_seed(seed: int, start: pd.Timestamp, member: int) -> int:
+def member_seed(seed: int, start: pd.Timestamp, member: int) -> int:
     """A 63-bit seed for member ``member`` of the forecast from ``start``, independent of batching."""
     ns = int(pd.Timestamp(start).value)
     state = np.random.SeedSequence([seed, ns & 0xFFFFFFFF, (ns >> 32) & 0xFFFFFFFF, member]).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 
 
-def _check_axis(ds: xr.Dataset, dim: str, expected: np.ndarray, *, source: str) -> None:
+def check_axis(ds: xr.Dataset, dim: str, expected: np.ndarray, *, source: str) -> None:
+    """Raise SchemaError naming ``source`` unless ``ds[dim]`` matches the model's axis ``expected`` (degrees,
+    within the regridding tolerance)."""
     have = np.asarray(ds[dim].values, dtype=np.float64)
     if have.shape != expected.shape or not np.allclose(have, expected, atol=_COORD_ATOL):
         raise SchemaError(
@@ -1405,11 +1416,36 @@ def _build_graph(model: GraphModelConfig, stores: Mapping[str, xr.Dataset], path
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
-#: Model families by the config's ``model.family``.
-FAMILIES: dict[str, type[Forecaster]] = {
+def _diffusion_family() -> type[Forecaster]:
+    """The ``diffusion`` family's class; its module builds on this one, so it is imported on first use."""
+    from forecasting.diffusion.conditional import DiffusionForecaster
+
+    return DiffusionForecaster
+
+
+def _rolling_family() -> type[Forecaster]:
+    """The ``rolling`` family's class (imported on first use, as the ``diffusion`` family)."""
+    from forecasting.diffusion.rolling import RollingDiffusionForecaster
+
+    return RollingDiffusionForecaster
+
+
+def _dyffusion_family() -> type[Forecaster]:
+    """The ``dyffusion`` family's class (imported on first use, as the ``diffusion`` family)."""
+    from forecasting.diffusion.dyffusion import DYffusionForecaster
+
+    return DYffusionForecaster
+
+
+#: Model families by the config's ``model.family``: the class, or a function returning it for a family whose
+#: module imports this one (imported when first asked for, so there is no import cycle).
+FAMILIES: dict[str, type[Forecaster] | Callable[[], type[Forecaster]]] = {
     "graph": GraphForecaster,
     "persistence": PersistenceForecaster,
     "climatology": ClimatologyForecaster,
+    "diffusion": _diffusion_family,
+    "rolling": _rolling_family,
+    "dyffusion": _dyffusion_family,
 }
 
 
@@ -1423,4 +1459,6 @@ def build_forecaster(config: ExperimentConfig, *, checkpoint: Checkpoint | None 
     family = config.model.family
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known families: {sorted(FAMILIES)}")
-    return FAMILIES[family].from_config(config, checkpoint=checkpoint)
+    entry = FAMILIES[family]
+    forecaster_class = entry if isinstance(entry, type) else entry()
+    return forecaster_class.from_config(config, checkpoint=checkpoint)

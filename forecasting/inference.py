@@ -367,16 +367,21 @@ def predict(
     """
     from forecasting.config import parse_config
     from forecasting.data.store import open_store
-    from forecasting.forecasters import GLOBAL, REGIONAL, GraphForecaster, build_forecaster
+    from forecasting.forecasters import GLOBAL, REGIONAL, build_forecaster
     from forecasting.training.checkpoint import load_checkpoint
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise StoreError(f"forecast {out} already exists; pass --overwrite to replace it")
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.family == "downscaling":
+        raise SchemaError(
+            f"{checkpoint} is a downscaling model: it maps a coarse forecast to the fine grid rather than rolling "
+            "out from initial conditions; use 'forecast downscale F.zarr --checkpoint CKPT --out OUT.zarr'"
+        )
     config = parse_config(ckpt.config, source=f"config in {checkpoint}")
     forecaster = build_forecaster(config, checkpoint=ckpt)
-    if isinstance(forecaster, GraphForecaster):
+    if callable(getattr(forecaster, "to", None)):  # torch families move to the device; baselines run on xarray
         forecaster.to(device)
     defaults = {
         GLOBAL: config.data.global_store if config.data is not None else None,

@@ -12,77 +12,53 @@ import pandas as pd
 import pytest
 import torch
 import xarray as xr
-import yaml
 
-from forecasting.cli import main
-from forecasting.config import ConfigError, parse_config
+from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.data.store import open_store
 from forecasting.diffusion.conditional import ConditionalDiffusion, DenoisingObjective, DiffusionForecaster
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
-from forecasting.inference import open_forecast, predict
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
-from forecasting.training.train import TRAINABLE, train
-from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+from forecasting.training.train import TRAINABLE
+from tests import diffusion_helpers
+from tests.diffusion_helpers import (
+    STARTS,
+    assert_checkpoint_of_another_family_is_rejected,
+    assert_checkpoint_round_trip_gives_identical_forecasts,
+    assert_members_do_not_depend_on_the_batching,
+    assert_predict_writes_distinct_reproducible_members,
+    assert_training_is_rejected_before_writing,
+    denoiser_training_run,
+    tiny_experiment,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-STARTS = ["2000-01-12T00", "2000-01-13T06"]
+stores = diffusion_helpers.stores  # the shared module-scoped fixtures
+analysis = diffusion_helpers.analysis
+
 SMALL_MODEL = {"family": "diffusion", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16,
                "sampling_steps": 4, "member_batch": 4}
 
 
 def diffusion_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
-                     data: dict | None = None):
-    """A tiny conditional-diffusion experiment on ``stores`` (coarse, regional)."""
-    return parse_config({
-        "name": "tiny-diffusion",
-        "model": {**SMALL_MODEL, **(model or {})},
-        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
-        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
-                     "max_steps": 100, "learning_rate": 3e-3, "warmup_steps": 5, "val_every": 50, "val_batches": 2,
-                     "checkpoint_every": 100, **(training or {})},
-    })
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_stores(tmp_path_factory.mktemp("diffusion"))
-
-
-@pytest.fixture(scope="module")
-def analysis(stores) -> dict[str, xr.Dataset]:
-    return {GLOBAL: open_store(stores[0]).load(), REGIONAL: open_store(stores[1]).load()}
+                     data: dict | None = None) -> ExperimentConfig:
+    """A tiny conditional-diffusion experiment on ``stores`` (coarse, regional): 100 optimiser steps."""
+    return tiny_experiment(
+        stores, name="tiny-diffusion", model={**SMALL_MODEL, **(model or {})}, data=data,
+        training={"max_steps": 100, "val_every": 50, "checkpoint_every": 100, **(training or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """100 optimiser steps of ``forecast train`` on the global grid, with the loss on the validation windows
     before and after (same windows, same noise) and for a network that outputs zero."""
-    config = diffusion_config(stores)
-    root = tmp_path_factory.mktemp("diffusion-run")
-    path = root / "diffusion.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    torch.manual_seed(0)
-    setup = TRAINABLE["diffusion"](config)
-    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
-
-    def loss(model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            return setup.objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))["loss"].item()
-
-    before = loss(setup.model)
-    out_conv = setup.model.denoiser.network.out_conv.conv
-    with torch.no_grad():
-        out_conv.weight.zero_()
-        out_conv.bias.zero_()
-    zero_network = loss(setup.model)
-    assert main(["train", str(path), "--out", str(root / "run"), "--quiet"]) == 0
-    checkpoint = root / "run" / "model.pt"
-    after = loss(DiffusionForecaster.from_checkpoint(load_checkpoint(checkpoint)).model)
-    return {"config": config, "checkpoint": checkpoint, "before": before, "after": after, "zero": zero_network,
-            "root": root}
+    return denoiser_training_run(
+        diffusion_config(stores), tmp_path_factory.mktemp("diffusion-run"), DiffusionForecaster,
+        lambda model: model.denoiser.network.out_conv.conv,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,31 +107,16 @@ def test_training_target_is_the_residual_in_tendency_std_units(stores):
 # Forecasts
 # ----------------------------------------------------------------------------------------------
 def test_predict_writes_the_forecast_layout_with_distinct_reproducible_members(trained, tmp_path):
-    out = tmp_path / "fc.zarr"
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
-                 "--members", "3", "--steps", "2", "--out", str(out)]) == 0
-    fc = open_forecast(out).load()
-    assert dict(fc.sizes) == {TIME: 2, LEAD: 2, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
-    assert fc.attrs["model_family"] == "diffusion" and fc.attrs["model"] == "tiny-diffusion"
+    fc = assert_predict_writes_distinct_reproducible_members(
+        trained["checkpoint"], tmp_path, steps=2, family="diffusion", name="tiny-diffusion"
+    )
     np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta([6, 12], unit="h").values)
     assert fc["2m_temperature"].attrs["units"] == "K"
-    z = fc["geopotential"].values
-    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
-    spread = fc["2m_temperature"].std(MEMBER)
-    assert float(spread.min()) > 0  # members differ everywhere
-    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=2, out=tmp_path / "again.zarr", seed=0)
-    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
-                            fc[["geopotential", "2m_temperature"]])
-    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=2, out=tmp_path / "other.zarr", seed=1)
-    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
 
 
 def test_members_do_not_depend_on_the_batching(trained, analysis):
     forecaster = DiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    together = forecaster.forecast(analysis[GLOBAL], steps=2, members=3, starts=STARTS, seed=7)
-    forecaster.model_config = forecaster.model_config.model_copy(update={"member_batch": 1})
-    one_by_one = forecaster.forecast(analysis[GLOBAL], steps=2, members=3, starts=STARTS, seed=7, batch_size=3)
-    xr.testing.assert_allclose(together, one_by_one, rtol=1e-5)
+    together = assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=2)
     # Member 1 of start 2 is the same in a forecast of that start alone.
     alone = forecaster.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS[1:], seed=7)
     xr.testing.assert_allclose(alone.isel({MEMBER: 1}), together.isel({TIME: [1], MEMBER: 1}), rtol=1e-5)
@@ -187,20 +148,13 @@ def test_inference_adds_the_sampled_residual_times_the_tendency_std(stores, anal
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
-    first = DiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
-    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
-    assert isinstance(second, DiffusionForecaster)
-    a = first.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
-    b = second.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
-    xr.testing.assert_equal(a, b)
+    assert_checkpoint_round_trip_gives_identical_forecasts(
+        DiffusionForecaster, trained, analysis[GLOBAL], tmp_path, steps=2
+    )
 
 
 def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
-    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
-    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
-    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'diffusion' one"):
-        DiffusionForecaster.from_checkpoint(load_checkpoint(path))
+    assert_checkpoint_of_another_family_is_rejected(DiffusionForecaster, stores, tmp_path)
 
 
 def test_family_is_registered_for_building_and_training(stores):
@@ -215,9 +169,9 @@ def test_family_is_registered_for_building_and_training(stores):
 # ----------------------------------------------------------------------------------------------
 def test_variable_not_in_the_store_is_rejected_before_writing(stores, tmp_path):
     config = diffusion_config(stores, data={"variables": ["geopotential", "total_cloud_cover"]})
-    with pytest.raises(SchemaError, match=r"global\.zarr: variables \['total_cloud_cover'\] are not in the store"):
-        train(config, out_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    assert_training_is_rejected_before_writing(
+        config, tmp_path, SchemaError, r"global\.zarr: variables \['total_cloud_cover'\] are not in the store"
+    )
 
 
 @pytest.mark.parametrize(
@@ -238,6 +192,4 @@ def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, erro
     if data.get("global_store") == "REGIONAL":
         data["global_store"] = str(stores[1])
     config = diffusion_config(stores, model=change.get("model"), training=change.get("training"), data=data)
-    with pytest.raises(error, match=message):
-        train(config, out_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    assert_training_is_rejected_before_writing(config, tmp_path, error, message)

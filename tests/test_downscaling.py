@@ -284,6 +284,16 @@ def test_downscale_cli_takes_an_analysis_store_as_a_lead_zero_forecast(stores, t
     xr.testing.assert_identical(open_forecast(out).load(), fine.load())
 
 
+def test_predict_points_a_downscaling_checkpoint_to_forecast_downscale(stores, trained, tmp_path, capsys):
+    out = tmp_path / "predicted.zarr"
+    argv = ["predict", "--checkpoint", str(trained / "model.pt"), "--start", "2000-01-14", "--steps", "1",
+            "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is a downscaling model" in err and "forecast downscale" in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("case", "message"), [
     ("area", r"does not cover the fine region \(lat 45\.\.70, lon 0\.\.40\)"),
     ("variable", r"variables \['2m_temperature'\] of the downscaling model are not in it"),

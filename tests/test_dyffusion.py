@@ -12,13 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import xarray as xr
-import yaml
 from lightning.fabric.utilities.seed import seed_everything
 
-from forecasting.cli import main
-from forecasting.config import ConfigError, parse_config
-from forecasting.data.store import open_store
+from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.diffusion.dyffusion import (
     DYffusion,
     DYffusionForecaster,
@@ -26,17 +22,27 @@ from forecasting.diffusion.dyffusion import (
     network_evaluations,
     sampling_schedule,
 )
-from forecasting.errors import SchemaError
-from forecasting.forecasters import FAMILIES, build_forecaster
-from forecasting.inference import open_forecast, predict
+from forecasting.forecasters import FAMILIES, GLOBAL, build_forecaster
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
 from forecasting.training.train import TRAINABLE, train
-from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+from tests import diffusion_helpers
+from tests.diffusion_helpers import (
+    STARTS,
+    assert_checkpoint_of_another_family_is_rejected,
+    assert_checkpoint_round_trip_gives_identical_forecasts,
+    assert_predict_writes_distinct_reproducible_members,
+    assert_training_is_rejected_before_writing,
+    tiny_experiment,
+    train_with_cli,
+    validation_batch,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-STARTS = ["2000-01-12T00", "2000-01-13T06"]
+stores = diffusion_helpers.stores  # the shared module-scoped fixtures
+analysis = diffusion_helpers.analysis
+
 HORIZON = 3
 STAGE_ONE, MAX_STEPS = 40, 90
 SMALL_MODEL = {"family": "dyffusion", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16,
@@ -44,26 +50,13 @@ SMALL_MODEL = {"family": "dyffusion", "base_channels": 8, "channel_mult": [1, 2]
 
 
 def dyffusion_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
-                     data: dict | None = None):
-    """A tiny DYffusion experiment on ``stores`` (coarse, regional)."""
-    return parse_config({
-        "name": "tiny-dyffusion",
-        "model": {**SMALL_MODEL, **(model or {})},
-        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
-        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
-                     "max_steps": MAX_STEPS, "learning_rate": 3e-3, "warmup_steps": 5, "weight_decay": 0.01,
-                     "val_every": STAGE_ONE, "val_batches": 2, "checkpoint_every": MAX_STEPS, **(training or {})},
-    })
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_stores(tmp_path_factory.mktemp("dyffusion"))
-
-
-@pytest.fixture(scope="module")
-def analysis(stores) -> xr.Dataset:
-    return open_store(stores[0]).load()
+                     data: dict | None = None) -> ExperimentConfig:
+    """A tiny DYffusion experiment on ``stores`` (coarse, regional): 40 interpolator and 50 forecaster steps."""
+    return tiny_experiment(
+        stores, name="tiny-dyffusion", model={**SMALL_MODEL, **(model or {})}, data=data,
+        training={"max_steps": MAX_STEPS, "weight_decay": 0.01, "val_every": STAGE_ONE,
+                  "checkpoint_every": MAX_STEPS, **(training or {})},
+    )
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -76,12 +69,10 @@ def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
     weights, and the validation losses of both stages before and after (same windows, same noise and dropout)."""
     config = dyffusion_config(stores)
     root = tmp_path_factory.mktemp("dyffusion-run")
-    path = root / "dyffusion.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
     seed_everything(0, verbose=False)  # as train() does before building the model: the same initial weights
     setup = TRAINABLE["dyffusion"](config)
     initial = _state(setup.model)
-    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
+    batch = validation_batch(setup)
 
     def losses(model: DYffusion) -> dict[str, float]:
         out = {}
@@ -97,10 +88,10 @@ def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
         return out
 
     before = losses(setup.model)
-    assert main(["train", str(path), "--out", str(root / "full"), "--quiet"]) == 0
+    checkpoint = train_with_cli(config, root, "full")
     stopped = train(config, out_dir=root / "stage1", max_steps=STAGE_ONE, progress=False)
-    full = DYffusionForecaster.from_checkpoint(load_checkpoint(root / "full" / "model.pt"))
-    return {"config": config, "checkpoint": root / "full" / "model.pt", "initial": initial, "before": before,
+    full = DYffusionForecaster.from_checkpoint(load_checkpoint(checkpoint))
+    return {"config": config, "checkpoint": checkpoint, "initial": initial, "before": before,
             "after": losses(full.model), "full": _state(full.model),
             "stage1": _state(DYffusionForecaster.from_checkpoint(load_checkpoint(stopped.checkpoint)).model)}
 
@@ -174,10 +165,10 @@ def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, 
     calls = {"forecaster": 0, "interpolator": 0}
     forecaster.model.forecast, forecaster.model.interpolate = _fake(HORIZON, calls, end_change=0.6)
     steps = 2 * HORIZON + 1
-    fc = forecaster.forecast(analysis, steps=steps, members=2, starts=STARTS)
+    fc = forecaster.forecast(analysis[GLOBAL], steps=steps, members=2, starts=STARTS)
     assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 2, "level": 1, "latitude": 8, "longitude": 16}
     np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta(6 * np.arange(1, steps + 1), unit="h").values)
-    start = forecaster.channels.stack(analysis.sel(time=STARTS))  # (2, C, H, W)
+    start = forecaster.channels.stack(analysis[GLOBAL].sel(time=STARTS))  # (2, C, H, W)
     got = forecaster.channels.stack(fc.isel({MEMBER: 0}).transpose(TIME, LEAD, ...))  # (2, steps, C, H, W)
     std = forecaster.normalisation.std[:, None, None]
     for lead in range(1, steps + 1):  # the straight path continues through window boundaries
@@ -231,39 +222,21 @@ def test_objective_stages_follow_the_step_counter(stores):
 # Forecasts and checkpoints
 # ----------------------------------------------------------------------------------------------
 def test_predict_writes_distinct_reproducible_members(trained, tmp_path):
-    steps = 2 * HORIZON + 1
-    out = tmp_path / "fc.zarr"
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
-                 "--members", "3", "--steps", str(steps), "--out", str(out)]) == 0
-    fc = open_forecast(out).load()
-    assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
-    assert fc.attrs["model_family"] == "dyffusion" and fc.attrs["model"] == "tiny-dyffusion"
-    z = fc["geopotential"].values
-    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
-    assert float(fc["2m_temperature"].std(MEMBER).min()) > 0  # members differ everywhere, at every lead
-    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "again.zarr", seed=0)
-    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
-                            fc[["geopotential", "2m_temperature"]])
-    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "other.zarr", seed=1)
-    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
+    assert_predict_writes_distinct_reproducible_members(
+        trained["checkpoint"], tmp_path, steps=2 * HORIZON + 1, family="dyffusion", name="tiny-dyffusion"
+    )
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
-    first = DYffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
-    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
-    assert isinstance(second, DYffusionForecaster) and int(second.model.trained_steps) == MAX_STEPS
-    a = first.forecast(analysis, steps=4, members=2, starts=STARTS, seed=3)
-    b = second.forecast(analysis, steps=4, members=2, starts=STARTS, seed=3)
-    xr.testing.assert_equal(a, b)
+    second = assert_checkpoint_round_trip_gives_identical_forecasts(
+        DYffusionForecaster, trained, analysis[GLOBAL], tmp_path, steps=4
+    )
+    assert int(second.model.trained_steps) == MAX_STEPS
 
 
 def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
     assert "dyffusion" in FAMILIES and "dyffusion" in TRAINABLE
-    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
-    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
-    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'dyffusion' one"):
-        DYffusionForecaster.from_checkpoint(load_checkpoint(path))
+    assert_checkpoint_of_another_family_is_rejected(DYffusionForecaster, stores, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,9 +252,7 @@ def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
 )
 def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, message):
     config = dyffusion_config(stores, model=change.get("model"), training=change.get("training"))
-    with pytest.raises(ConfigError, match=message):
-        train(config, out_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    assert_training_is_rejected_before_writing(config, tmp_path, ConfigError, message)
 
 
 def test_config_needs_a_sampling_step_per_whole_step(stores):

@@ -12,12 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import xarray as xr
-import yaml
 
-from forecasting.cli import main
-from forecasting.config import ConfigError, parse_config
-from forecasting.data.store import open_store
+from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.diffusion.rolling import (
     RollingDiffusion,
     RollingDiffusionForecaster,
@@ -29,69 +25,48 @@ from forecasting.diffusion.rolling import (
 from forecasting.diffusion.samplers import evaluations
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
-from forecasting.inference import open_forecast, predict
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
-from forecasting.training.train import TRAINABLE, train
-from test_forecasters import TRAIN_END, VAL_START, graph_config, make_stores
+from forecasting.training.train import TRAINABLE
+from tests import diffusion_helpers
+from tests.diffusion_helpers import (
+    STARTS,
+    assert_checkpoint_of_another_family_is_rejected,
+    assert_checkpoint_round_trip_gives_identical_forecasts,
+    assert_members_do_not_depend_on_the_batching,
+    assert_predict_writes_distinct_reproducible_members,
+    assert_training_is_rejected_before_writing,
+    denoiser_training_run,
+    tiny_experiment,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-STARTS = ["2000-01-12T00", "2000-01-13T06"]
+stores = diffusion_helpers.stores  # the shared module-scoped fixtures
+analysis = diffusion_helpers.analysis
+
 WINDOW = 3
 SMALL_MODEL = {"family": "rolling", "base_channels": 8, "channel_mult": [1, 2], "embedding_dim": 16, "window": WINDOW,
                "sampling_steps": 2, "init_steps": 3, "member_batch": 4}
 
 
 def rolling_config(stores: tuple[Path, Path], *, model: dict | None = None, training: dict | None = None,
-                   data: dict | None = None):
-    """A tiny rolling-diffusion experiment on ``stores`` (coarse, regional)."""
-    return parse_config({
-        "name": "tiny-rolling",
-        "model": {**SMALL_MODEL, **(model or {})},
-        "data": {"global_store": str(stores[0]), "regional_store": str(stores[1]), **(data or {})},
-        "training": {"train_period": [None, TRAIN_END], "val_period": [VAL_START, None], "batch_size": 8,
-                     "max_steps": 80, "learning_rate": 3e-3, "warmup_steps": 5, "val_every": 40, "val_batches": 2,
-                     "checkpoint_every": 80, **(training or {})},
-    })
-
-
-@pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_stores(tmp_path_factory.mktemp("rolling"))
-
-
-@pytest.fixture(scope="module")
-def analysis(stores) -> dict[str, xr.Dataset]:
-    return {GLOBAL: open_store(stores[0]).load(), REGIONAL: open_store(stores[1]).load()}
+                   data: dict | None = None) -> ExperimentConfig:
+    """A tiny rolling-diffusion experiment on ``stores`` (coarse, regional): 80 optimiser steps."""
+    return tiny_experiment(
+        stores, name="tiny-rolling", model={**SMALL_MODEL, **(model or {})}, data=data,
+        training={"max_steps": 80, "val_every": 40, "checkpoint_every": 80, **(training or {})},
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """80 optimiser steps of ``forecast train`` on the global grid, with the loss on the validation windows
     before and after (same windows, same noise) and for a network that outputs zero."""
-    config = rolling_config(stores)
-    root = tmp_path_factory.mktemp("rolling-run")
-    path = root / "rolling.yaml"
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
-    torch.manual_seed(0)
-    setup = TRAINABLE["rolling"](config)
-    batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
-
-    def loss(model: torch.nn.Module) -> float:
-        with torch.no_grad():
-            return setup.objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))["loss"].item()
-
-    before = loss(setup.model)
-    out_conv = setup.model.network.out_conv.conv
-    with torch.no_grad():
-        out_conv.weight.zero_()
-        out_conv.bias.zero_()
-    zero_network = loss(setup.model)
-    assert main(["train", str(path), "--out", str(root / "run"), "--quiet"]) == 0
-    checkpoint = root / "run" / "model.pt"
-    after = loss(RollingDiffusionForecaster.from_checkpoint(load_checkpoint(checkpoint)).model)
-    return {"config": config, "checkpoint": checkpoint, "before": before, "after": after, "zero": zero_network}
+    return denoiser_training_run(
+        rolling_config(stores), tmp_path_factory.mktemp("rolling-run"), RollingDiffusionForecaster,
+        lambda model: model.network.out_conv.conv,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,46 +178,25 @@ def test_training_lowers_the_loss(trained):
 
 def test_predict_writes_distinct_reproducible_members_past_the_training_window(trained, tmp_path):
     steps = 3 * WINDOW + 1
-    out = tmp_path / "fc.zarr"
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--start", STARTS[1],
-                 "--members", "3", "--steps", str(steps), "--out", str(out)]) == 0
-    fc = open_forecast(out).load()
-    assert dict(fc.sizes) == {TIME: 2, LEAD: steps, MEMBER: 3, "level": 1, "latitude": 8, "longitude": 16}
-    assert fc.attrs["model_family"] == "rolling" and fc.attrs["model"] == "tiny-rolling"
+    fc = assert_predict_writes_distinct_reproducible_members(
+        trained["checkpoint"], tmp_path, steps=steps, family="rolling", name="tiny-rolling"
+    )
     np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta(6 * np.arange(1, steps + 1), unit="h").values)
-    z = fc["geopotential"].values
-    assert np.isfinite(z).all() and 5.0e4 < z.mean() < 5.8e4
-    assert float(fc["2m_temperature"].std(MEMBER).min()) > 0  # members differ everywhere, at every lead
-    again = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "again.zarr", seed=0)
-    xr.testing.assert_equal(open_forecast(again).load()[["geopotential", "2m_temperature"]],
-                            fc[["geopotential", "2m_temperature"]])
-    other = predict(trained["checkpoint"], starts=STARTS, members=3, steps=steps, out=tmp_path / "other.zarr", seed=1)
-    assert not np.allclose(open_forecast(other)["geopotential"].values, z)
 
 
 def test_members_do_not_depend_on_the_batching(trained, analysis):
     forecaster = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    together = forecaster.forecast(analysis[GLOBAL], steps=4, members=3, starts=STARTS, seed=7)
-    forecaster.model_config = forecaster.model_config.model_copy(update={"member_batch": 1})
-    one_by_one = forecaster.forecast(analysis[GLOBAL], steps=4, members=3, starts=STARTS, seed=7, batch_size=3)
-    xr.testing.assert_allclose(together, one_by_one, rtol=1e-5)
+    assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=4)
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
-    first = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
-    copy = first.save_checkpoint(tmp_path / "copy.pt", config=trained["config"])
-    second = build_forecaster(trained["config"], checkpoint=load_checkpoint(copy))
-    assert isinstance(second, RollingDiffusionForecaster)
-    a = first.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
-    b = second.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS, seed=3)
-    xr.testing.assert_equal(a, b)
+    assert_checkpoint_round_trip_gives_identical_forecasts(
+        RollingDiffusionForecaster, trained, analysis[GLOBAL], tmp_path, steps=2
+    )
 
 
 def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
-    graph = build_forecaster(graph_config(stores, model={"mode": "global"}))
-    path = graph.save_checkpoint(tmp_path / "graph.pt", config=graph_config(stores, model={"mode": "global"}))
-    with pytest.raises(SchemaError, match=r"graph\.pt holds a 'graph' model, not a 'rolling' one"):
-        RollingDiffusionForecaster.from_checkpoint(load_checkpoint(path))
+    assert_checkpoint_of_another_family_is_rejected(RollingDiffusionForecaster, stores, tmp_path)
 
 
 def test_family_is_registered_on_the_regional_grid_too(stores, analysis):
@@ -271,9 +225,7 @@ def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, erro
     if data.get("global_store") == "REGIONAL":
         data["global_store"] = str(stores[1])
     config = rolling_config(stores, model=change.get("model"), training=change.get("training"), data=data)
-    with pytest.raises(error, match=message):
-        train(config, out_dir=tmp_path / "run", progress=False)
-    assert not (tmp_path / "run").exists()
+    assert_training_is_rejected_before_writing(config, tmp_path, error, message)
 
 
 def test_config_rejects_a_flat_schedule(stores):

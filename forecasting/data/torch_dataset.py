@@ -162,7 +162,7 @@ class WindowDataset(torch.utils.data.Dataset):
             static_mean = np.zeros(len(self.static_names), dtype=np.float32)
             static_std = np.ones(len(self.static_names), dtype=np.float32)
         static = _stack_channels(ds, self.static_variables, time_positions=None)  # (S, H, W)
-        self._static = torch.from_numpy(_normalised(static, static_mean[:, None, None], static_std[:, None, None]))
+        self._static = torch.from_numpy(normalised(static, static_mean[:, None, None], static_std[:, None, None]))
         self._mean_t = torch.from_numpy(self._mean)[:, None, None]  # (C, 1, 1)
         self._std_t = torch.from_numpy(self._std)[:, None, None]
 
@@ -220,7 +220,7 @@ class WindowDataset(torch.utils.data.Dataset):
             raise IndexError(f"window {index} out of range for {n} windows")
         positions = self._positions[i]
         frames = _stack_channels(self._dataset, self.variables, time_positions=positions)  # (T, C, H, W)
-        frames = _normalised(frames, self._mean[None, :, None, None], self._std[None, :, None, None])
+        frames = normalised(frames, self._mean[None, :, None, None], self._std[None, :, None, None])
         times = self._times[positions]
         return {
             "inputs": torch.from_numpy(frames[: self.input_steps]),
@@ -281,7 +281,9 @@ def _stack_channels(ds: xr.Dataset, names: Sequence[str], *, time_positions: np.
     return np.concatenate(parts, axis=-3)
 
 
-def _normalised(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def normalised(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(values - mean) / std`` as float32 with NaN (missing values) set to 0, the training mean; ``mean`` and
+    ``std`` broadcast against ``values`` (e.g. (C, 1, 1) against (..., C, H, W))."""
     out = (values - mean) / std
     return np.nan_to_num(out, nan=0.0).astype(np.float32, copy=False)
 

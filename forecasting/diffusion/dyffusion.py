@@ -50,8 +50,9 @@ drawn in).
 
 :class:`DYffusion` is the torch side (normalised tensors only); :class:`DYffusionForecaster` the
 :class:`~forecasting.forecasters.Forecaster` (it shares the one-grid plumbing of
-:class:`~forecasting.diffusion.conditional.DiffusionForecaster`: stores, checkpoints, input checks);
-:class:`DYffusionObjective` and :func:`dyffusion_training_setup` plug the family into ``forecast train``.
+:class:`~forecasting.diffusion.conditional.OneGridDiffusionForecaster`: stores, checkpoints, input checks,
+initial states, forcings); :class:`DYffusionObjective` and :func:`dyffusion_training_setup` plug the family
+into ``forecast train``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,18 +68,17 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from forecasting.config import ConfigError, DYffusionModelConfig, ExperimentConfig, parse_config
-from forecasting.data.store import read_statistics
-from forecasting.data.torch_dataset import FORCING_NAMES, _normalised, time_forcings
-from forecasting.diffusion.conditional import DiffusionForecaster
-from forecasting.errors import SchemaError
-from forecasting.forecasters import GLOBAL, Channels, LeadChunk, Normalisation
+from forecasting.config import ConfigError, DYffusionModelConfig, ExperimentConfig
+from forecasting.diffusion.conditional import (
+    OneGridDiffusionForecaster,
+    OneGridNetwork,
+    WeightedObjective,
+    check_one_grid_training,
+    one_grid_training_setup,
+)
 from forecasting.models import UNet
-from forecasting.schema import LAT, LON, TIME
-from forecasting.weights import latitude_weights
 
 if TYPE_CHECKING:
-    from forecasting.training.checkpoint import Checkpoint
     from forecasting.training.train import TrainingSetup
 
 __all__ = [
@@ -107,7 +107,7 @@ def network_evaluations(horizon: int, steps: int) -> dict[str, int]:
     return {"forecaster": n, "interpolator": 2 * n - 2}
 
 
-class DYffusion(nn.Module):
+class DYffusion(OneGridNetwork):
     """The interpolator and the forecaster of DYffusion on normalised tensors (see the module docstring).
 
     Shapes: states ``(B, T_in, C, H, W)`` normalised, oldest first (the last is ``x_t``); one state ``(B, C, H,
@@ -115,12 +115,11 @@ class DYffusion(nn.Module):
     interpolation times ``i`` ``(B,)`` in model steps (float).
 
     Args:
-        n_channels, n_forcings, n_static, input_steps: C, F, S and T_in.
+        n_channels, n_forcings, n_static, input_steps, latitude, residual_scale: As for
+            :class:`~forecasting.diffusion.conditional.OneGridNetwork` (the conditioning takes the forcings of
+            ``T_in + 2`` times).
         horizon: ``h``, model steps from ``x_t`` to ``x_{t+h}``.
         step_hours: Hours per model step (the networks are conditioned on ``i`` in hours).
-        latitude: Shape (H,), the grid's latitudes in degrees.
-        residual_scale: Shape (C,), ``std / tendency_std``: a normalised state change times this is in
-            tendency-std units.
         periodic_lon: The grid goes round the globe (circular padding in longitude).
         interpolator_dropout: Dropout of the interpolator, active in training and when forecasting.
         unet: Keyword arguments of :class:`~forecasting.models.UNet` shared by both networks (``base_channels``,
@@ -144,23 +143,18 @@ class DYffusion(nn.Module):
         interpolator_dropout: float,
         unet: Mapping[str, Any],
     ) -> None:
-        super().__init__()
         if horizon < 2 or not step_hours > 0 or not 0 < interpolator_dropout < 1:
             raise ValueError(
                 "DYffusion needs horizon >= 2, step_hours > 0 and 0 < interpolator_dropout < 1; found "
                 f"{horizon}, {step_hours}, {interpolator_dropout}"
             )
-        self.n_channels, self.input_steps, self.horizon = n_channels, input_steps, horizon
+        super().__init__(
+            n_channels=n_channels, n_forcings=n_forcings, n_static=n_static, input_steps=input_steps,
+            forcing_times=input_steps + 2, latitude=latitude, residual_scale=residual_scale,
+        )
+        self.horizon = horizon
         self.step_hours = float(step_hours)
-        scale = np.asarray(residual_scale, dtype=np.float32)
-        if scale.shape != (n_channels,):
-            raise ValueError(f"residual_scale must have shape ({n_channels},); found {scale.shape}")
-        self.register_buffer("residual_scale", torch.from_numpy(scale)[:, None, None], persistent=False)  # (C, 1, 1)
-        phi = np.deg2rad(np.asarray(latitude, dtype=np.float64))
-        features = np.stack([np.sin(phi), np.cos(phi)]).astype(np.float32)[:, :, None]  # (2, H, 1)
-        self.register_buffer("latitude_features", torch.from_numpy(features), persistent=False)
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.int64))
-        self.n_condition = input_steps * n_channels + (input_steps + 2) * n_forcings + n_static + 2
         sizes = dict(unet)
         self.forecaster = UNet(
             n_channels + self.n_condition, n_channels, conditions=("lead_time",), periodic_lon=periodic_lon, **sizes
@@ -170,24 +164,6 @@ class DYffusion(nn.Module):
             n_channels + self.n_condition, n_channels, conditions=("lead_time",), periodic_lon=periodic_lon, **sizes
         )
         self.interpolator.dropout_at_inference = True
-
-    def conditioning(self, states: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
-        """``[states, forcings, static, sin/cos latitude]`` along channels: (B, n_condition, H, W)."""
-        batch, steps, channels, height, width = states.shape
-        if steps != self.input_steps or channels != self.n_channels:
-            raise ValueError(
-                f"states must have shape (B, {self.input_steps}, {self.n_channels}, H, W); found {tuple(states.shape)}"
-            )
-        if forcings.shape[1] != steps + 2:
-            raise ValueError(f"forcings must cover {steps + 2} times in dim 1; found shape {tuple(forcings.shape)}")
-        grid = self.latitude_features.to(states.dtype).expand(batch, -1, -1, width)
-        if grid.shape[2] != height:
-            raise ValueError(f"the model's grid has {grid.shape[2]} latitudes; the states have {height}")
-        return torch.cat(
-            [states.reshape(batch, -1, height, width), forcings.reshape(batch, -1, height, width).to(states.dtype),
-             static.to(states.dtype), grid],
-            dim=1,
-        )
 
     def _hours(self, i: Tensor, batch: int) -> Tensor:
         i = torch.as_tensor(i, dtype=torch.float32, device=self.residual_scale.device)
@@ -243,7 +219,7 @@ class DYffusion(nn.Module):
                 yield int(i_next), s
 
 
-class DYffusionObjective:
+class DYffusionObjective(WeightedObjective):
     """The two-stage DYffusion loss on batches of WindowDataset windows (see the module docstring).
 
     A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, h, C, H, W) normalised, ``forcings``
@@ -264,8 +240,7 @@ class DYffusionObjective:
             raise ValueError(
                 f"need interpolator_steps >= 1 and 0 <= lookahead_weight < 1; found {interpolator_steps}, {lookahead_weight}"
             )
-        self.area_weights = torch.as_tensor(np.asarray(area_weights, dtype=np.float32))
-        self.channel_weights = torch.as_tensor(np.asarray(channel_weights, dtype=np.float32))
+        super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
 
@@ -295,7 +270,7 @@ class DYffusionObjective:
             return torch.cat([all_forcings[:, :steps_in], all_forcings[rows, steps_in - 1 + i][:, None],
                               all_forcings[:, -1:]], dim=1)
 
-        weights = self.channel_weights.to(device)[:, None, None] * self.area_weights.to(device)[:, None]  # (C, H, 1)
+        weights = self.point_weights(device)  # (C, H, 1)
 
         def error(prediction: Tensor, truth: Tensor) -> Tensor:  # weighted MSE in tendency-std units
             return (((prediction - truth) * model.residual_scale) ** 2 * weights).mean()
@@ -335,180 +310,64 @@ class DYffusionObjective:
         return metrics
 
 
-class DYffusionForecaster(DiffusionForecaster):
+class DYffusionForecaster(OneGridDiffusionForecaster):
     """The DYffusion forecaster on one grid (see the module docstring).
 
-    Build it with :meth:`from_stores` (untrained) or :meth:`from_checkpoint`. Attributes as for
-    :class:`~forecasting.diffusion.conditional.DiffusionForecaster` (``model_config``, ``channels``, ``static``,
-    ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus ``horizon`` and ``schedule`` (the
-    interpolation times of a sampling pass); ``model`` is a :class:`DYffusion`.
+    Build it with :meth:`from_stores` (untrained) or :meth:`from_checkpoint` (which loads the step counter
+    ``trained_steps`` too). Attributes as for :class:`~forecasting.diffusion.conditional.OneGridDiffusionForecaster`
+    (``model_config``, ``channels``, ``static``, ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus
+    ``horizon`` and ``schedule`` (the interpolation times of a sampling pass); ``model`` is a :class:`DYffusion`.
     """
 
     family = "dyffusion"
+    config_type = DYffusionModelConfig
+    checkpoint_name = "DYffusion"
 
-    def __init__(
-        self,
-        *,
-        model_config: DYffusionModelConfig,
-        channels: Channels,
-        static: Channels,
-        normalisation: Normalisation,
-        grid: str,
-        latitude: np.ndarray,
-        longitude: np.ndarray,
-        step: pd.Timedelta,
-    ) -> None:
-        self.model_config = model_config
-        self.channels = channels
-        self.static = static
-        self.normalisation = normalisation
-        self.grid = grid
-        self.grids = (grid,)
-        self.latitude = np.asarray(latitude, dtype=np.float64)
-        self.longitude = np.asarray(longitude, dtype=np.float64)
-        self.step = pd.Timedelta(step)
-        self.input_steps = model_config.input_steps
-        self.horizon = model_config.horizon
-        self.schedule = sampling_schedule(self.horizon, model_config.sampling_steps or self.horizon)
-        self.model = DYffusion(
-            n_channels=len(channels),
-            n_forcings=len(FORCING_NAMES),
-            n_static=len(static),
-            input_steps=self.input_steps,
-            horizon=self.horizon,
-            step_hours=self.step.total_seconds() / 3600.0,
-            latitude=self.latitude,
-            residual_scale=normalisation.std / normalisation.tendency_std,
-            periodic_lon=grid == GLOBAL,
-            interpolator_dropout=model_config.interpolator_dropout,
-            unet={
-                "base_channels": model_config.base_channels,
-                "channel_mult": tuple(model_config.channel_mult),
-                "blocks_per_level": model_config.blocks_per_level,
-                "embedding_dim": model_config.embedding_dim,
-                "dropout": model_config.dropout,
-            },
-        )
+    model_config: DYffusionModelConfig
+    model: DYffusion
 
-    @classmethod
-    def from_config(cls, config: ExperimentConfig, *, checkpoint: Checkpoint | None = None) -> DYffusionForecaster:
-        if checkpoint is not None:
-            return cls.from_checkpoint(checkpoint)
-        assert isinstance(config.model, DYffusionModelConfig)
-        if config.data is None:
-            raise ConfigError("the config has no 'data' section naming the stores (data.global_store, data.regional_store)")
-        return cls.from_stores(config.model, config.data)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint) -> DYffusionForecaster:
-        """Rebuild from a checkpoint written by :meth:`save_checkpoint` (weights and step counter loaded, eval mode).
-
-        Raises SchemaError naming the file when it holds another family or weights that do not fit.
-        """
-        if checkpoint.family != cls.family:
-            raise SchemaError(
-                f"{checkpoint.path} holds a {checkpoint.family!r} model, not a {cls.family!r} one; use a checkpoint "
-                f"trained with model.family: {cls.family}"
-            )
-        model = parse_config(checkpoint.config, source=str(checkpoint.path)).model
-        data = checkpoint.data
-        missing = [k for k in ("channels", "static", "step", "grid", "latitude", "longitude") if k not in data]
-        if not isinstance(model, DYffusionModelConfig) or missing:
-            raise SchemaError(
-                f"{checkpoint.path}: not a DYffusion checkpoint (model config {type(model).__name__}, data entries "
-                f"missing: {missing})"
-            )
-        forecaster = cls(
-            model_config=model,
-            channels=Channels.from_dict(data["channels"]),
-            static=Channels.from_dict(data["static"]),
-            normalisation=Normalisation.from_dict(checkpoint.statistics),
-            grid=str(data["grid"]),
-            latitude=np.asarray(data["latitude"], dtype=np.float64),
-            longitude=np.asarray(data["longitude"], dtype=np.float64),
-            step=pd.Timedelta(data["step"]),
-        )
-        try:
-            forecaster.model.load_state_dict(checkpoint.state_dict)
-        except RuntimeError as exc:
-            raise SchemaError(f"{checkpoint.path}: the weights do not fit the model its config describes: {exc}") from None
-        forecaster.model.eval()
-        return forecaster
-
-    # -- inference -------------------------------------------------------------------------------
-    def _iterate(self, initial, *, starts, positions, steps, members, boundary, seed) -> Iterator[LeadChunk]:
-        if boundary is not None:
-            raise SchemaError("the dyffusion family forecasts one grid without boundary values; pass no boundary dataset")
+    def _network(self) -> DYffusion:
         config = self.model_config
+        self.horizon = config.horizon
+        self.schedule = sampling_schedule(self.horizon, config.sampling_steps or self.horizon)
+        return DYffusion(
+            **self._network_arguments(), horizon=self.horizon, step_hours=self.step.total_seconds() / 3600.0,
+            interpolator_dropout=config.interpolator_dropout,
+        )
+
+    def _sample_leads(self, states, static, *, starts, steps, members, seed) -> Iterator[tuple[int, Tensor]]:
         device = self.device
-        ds = initial[self.grid]
-        n_starts, n_samples = len(starts), len(starts) * members
-        n_channels, height, width = len(self.channels), len(self.latitude), len(self.longitude)
         horizon = self.horizon
-        norm = self.normalisation
-        index = self._input_positions(ds, starts, source=f"initial conditions ({self.grid} grid)")
-        stacked = self.channels.stack(ds[list(self.channels.variables)].isel({TIME: index.ravel()}))
-        states = (
-            torch.from_numpy(_normalised(stacked, norm.mean[:, None, None], norm.std[:, None, None]))
-            .reshape(n_starts, self.input_steps, n_channels, height, width)
-            .repeat_interleave(members, dim=0)
-            .to(device)
-        )  # (n_samples, T_in, C, H, W)
-        static_values = self.static.stack(ds[list(self.static.variables)])
-        static = torch.from_numpy(
-            _normalised(static_values, norm.static_mean[:, None, None], norm.static_std[:, None, None])
-        ).to(device)  # (S, H, W)
-        input_offsets = [self.step * (k - self.input_steps + 1) for k in range(self.input_steps)]
+        groups = self._member_batches(states.shape[0])
+        for window in range(math.ceil(steps / horizon)):
+            cache: dict[float, Tensor] = {}
 
-        def forcings(window: int, i: float) -> Tensor:  # all samples: (n_samples, T_in + 2, F, H, W)
-            offsets = np.array([*input_offsets, self.step * i, self.step * horizon], dtype="m8[ns]")
-            times = (starts + self.step * (window * horizon)).values[:, None] + offsets[None, :]
-            values = np.stack([time_forcings(row, self.longitude, height) for row in times])
-            return torch.from_numpy(values).repeat_interleave(members, dim=0).to(device)
+            def window_forcings(i: float, window: int = window, cache: dict = cache) -> Tensor:
+                # All samples: the input times, t + i and t + h of this window, (n_samples, T_in + 2, F, H, W).
+                if i not in cache:
+                    cache[i] = self._forcings(starts, members, ahead=(i, horizon), later=window * horizon)
+                return cache[i]
 
-        groups = [slice(first, min(first + config.member_batch, n_samples))
-                  for first in range(0, n_samples, config.member_batch)]
-        mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=device)[:, None, None]
-        std = torch.as_tensor(norm.std, dtype=torch.float32, device=device)[:, None, None]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                for window in range(math.ceil(steps / horizon)):
-                    cache: dict[float, Tensor] = {}
-
-                    def window_forcings(i: float, window: int = window, cache: dict = cache) -> Tensor:
-                        if i not in cache:
-                            cache[i] = forcings(window, i)
-                        return cache[i]
-
-                    leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
-                    for rows in groups:
-                        first = rows.start
-                        dropout_seed = _dropout_seed(
-                            seed, starts[first // members], first % members, rows.stop - rows.start, window
-                        )
-                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                            torch.manual_seed(dropout_seed)
-                            for j, state in self.model.cold_sample(
-                                states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
-                                lambda i, rows=rows: window_forcings(i)[rows], self.schedule,
-                            ):
-                                leads[j - 1].append(state)
-                    path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
-                    states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
-                    for j in range(horizon):
-                        lead = window * horizon + j
-                        if lead >= steps:
-                            break
-                        values = (path[:, j] * std + mean).cpu().numpy()
-                        chunk = self._chunk_dataset(
-                            values.reshape(n_starts, members, n_channels, height, width), starts=starts, lead=lead,
-                            members=members, lat=ds[LAT].values, lon=ds[LON].values,
-                        )
-                        yield LeadChunk(positions, lead, {self.grid: chunk})
-        finally:
-            self.model.train(was_training)
+            leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
+            for rows in groups:
+                first = rows.start
+                dropout_seed = _dropout_seed(
+                    seed, starts[first // members], first % members, rows.stop - rows.start, window
+                )
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(dropout_seed)
+                    for j, state in self.model.cold_sample(
+                        states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
+                        lambda i, rows=rows: window_forcings(i)[rows], self.schedule,
+                    ):
+                        leads[j - 1].append(state)
+            path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
+            states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
+            for j in range(horizon):
+                lead = window * horizon + j
+                if lead >= steps:
+                    break
+                yield lead, path[:, j]
 
 
 def _dropout_seed(seed: int, start: pd.Timestamp, member: int, size: int, window: int) -> int:
@@ -527,24 +386,13 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
     optimiser steps for the forecaster, the store, variables, grid and periods. Windows of ``input_steps``
     states and ``horizon`` targets come from :class:`~forecasting.data.torch_dataset.WindowDataset`.
     """
-    from forecasting.data.torch_dataset import WindowDataset
-    from forecasting.training.data import open_training_store
-    from forecasting.training.train import TrainingSetup
-
     training, data, model = config.training, config.data, config.model
     assert training is not None and data is not None and isinstance(model, DYffusionModelConfig)
-    if training.max_rollout_steps != 1:
-        raise ConfigError(
-            f"training.rollout asks for up to {training.max_rollout_steps} steps; DYffusion trains windows of "
-            "model.horizon steps without rollouts: use rollout [{at_step: 0, steps: 1}]"
-        )
-    if training.val_rollout_steps not in (None, 1):
-        raise ConfigError(
-            f"training.val_rollout_steps is {training.val_rollout_steps}; DYffusion validates whole windows "
-            "(leave it unset or 1)"
-        )
-    if training.regional_loss_share is not None:
-        raise ConfigError("training.regional_loss_share applies to two-grid models; the dyffusion family uses one grid")
+    check_one_grid_training(
+        training, family=DYffusionForecaster.family,
+        trains="DYffusion trains windows of model.horizon steps without rollouts",
+        validates="DYffusion validates whole windows",
+    )
     interpolator_steps = model.interpolator_steps or training.max_steps // 2
     if not 1 <= interpolator_steps < training.max_steps:
         raise ConfigError(
@@ -552,46 +400,16 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
             f"({training.max_steps}) so that the forecaster stage gets steps"
         )
     forecaster = DYffusionForecaster.from_stores(model, data)
-    path = data.global_store if model.grid == GLOBAL else data.regional_store
-    assert path is not None
-    store = open_training_store(path, in_memory=data.in_memory)
-    statistics = read_statistics(path)
-
-    def windows(period: tuple[str | None, str | None], what: str) -> WindowDataset:
-        try:
-            return WindowDataset(
-                store, variables=list(forecaster.channels.variables), input_steps=forecaster.input_steps,
-                target_steps=model.horizon, step=forecaster.step, time=period, statistics=statistics,
-                static_variables=list(forecaster.static.variables), normalise=True,
-            )
-        except SchemaError as exc:
-            raise SchemaError(f"{path}, {what} period {list(period)}: {exc}") from None
-
-    train_set = windows(training.train_period, "training")
-    val_set = windows(training.val_period, "validation") if training.val_period is not None else None
-    objective = DYffusionObjective(
-        area_weights=latitude_weights(forecaster.latitude),
-        channel_weights=forecaster.channel_weights(training.variable_weights),
-        interpolator_steps=interpolator_steps,
-        lookahead_weight=model.lookahead_weight,
-    )
-
-    def export(out: Path, metadata: dict) -> Path:
-        return forecaster.save_checkpoint(out, config=config, metadata=metadata)
-
-    summary = {
-        "family": forecaster.family,
-        "grid": forecaster.grid,
-        "shape": [len(forecaster.latitude), len(forecaster.longitude)],
-        "channels": list(forecaster.channels.names),
-        "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
-                       for name in ("interpolator", "forecaster")},
-        "horizon": model.horizon,
-        "interpolator_steps": interpolator_steps,
-        "sampling_schedule": forecaster.schedule,
-        "network_evaluations_per_window": network_evaluations(model.horizon, len(forecaster.schedule)),
-    }
-    return TrainingSetup(
-        model=forecaster.model, objective=objective, train=train_set, val=val_set, val_rollout_steps=1,
-        export=export, summary=summary,
+    return one_grid_training_setup(
+        config, forecaster, target_steps=model.horizon,
+        objective=partial(DYffusionObjective, interpolator_steps=interpolator_steps,
+                          lookahead_weight=model.lookahead_weight),
+        summary={
+            "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
+                           for name in ("interpolator", "forecaster")},
+            "horizon": model.horizon,
+            "interpolator_steps": interpolator_steps,
+            "sampling_schedule": forecaster.schedule,
+            "network_evaluations_per_window": network_evaluations(model.horizon, len(forecaster.schedule)),
+        },
     )

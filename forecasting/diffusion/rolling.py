@@ -49,42 +49,35 @@ whatever the batching; ``member_batch`` samples go through the network at once.
 
 :class:`RollingSchedule` holds the schedules, :class:`RollingDiffusion` the torch side (normalised tensors
 only), :class:`RollingDiffusionForecaster` the :class:`~forecasting.forecasters.Forecaster` (it shares the
-one-grid plumbing of :class:`~forecasting.diffusion.conditional.DiffusionForecaster`: stores, checkpoints,
-input checks); :class:`RollingObjective` and :func:`rolling_training_setup` plug the family into
-``forecast train``.
+one-grid plumbing of :class:`~forecasting.diffusion.conditional.OneGridDiffusionForecaster`: stores,
+checkpoints, input checks, initial states, forcings); :class:`RollingObjective` and
+:func:`rolling_training_setup` plug the family into ``forecast train``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from forecasting.config import (
-    ConfigError,
-    ExperimentConfig,
-    RollingDiffusionModelConfig,
-    parse_config,
+from forecasting.config import ConfigError, ExperimentConfig, RollingDiffusionModelConfig
+from forecasting.diffusion.conditional import (
+    OneGridDiffusionForecaster,
+    OneGridNetwork,
+    WeightedObjective,
+    check_one_grid_training,
+    one_grid_training_setup,
 )
-from forecasting.data.store import read_statistics
-from forecasting.data.torch_dataset import FORCING_NAMES, _normalised, time_forcings
-from forecasting.diffusion.conditional import DiffusionForecaster
 from forecasting.diffusion.edm import loss_weight, preconditioning
 from forecasting.diffusion.samplers import evaluations, standard_normal
-from forecasting.errors import SchemaError
-from forecasting.forecasters import GLOBAL, Channels, LeadChunk, Normalisation, _member_seed
 from forecasting.models import UNet
-from forecasting.schema import LAT, LON, TIME
-from forecasting.weights import latitude_weights
 
 if TYPE_CHECKING:
-    from forecasting.training.checkpoint import Checkpoint
     from forecasting.training.train import TrainingSetup
 
 __all__ = [
@@ -148,7 +141,7 @@ class RollingSchedule:
         return self.noise(local)
 
 
-class RollingDiffusion(nn.Module):
+class RollingDiffusion(OneGridNetwork):
     """The window denoiser and one sampling pass, on normalised tensors (see the module docstring).
 
     Shapes: states ``(B, T_in, C, H, W)`` normalised, oldest first; forcings ``(B, T_in + W_f, F, H, W)`` (the
@@ -156,10 +149,10 @@ class RollingDiffusion(nn.Module):
     normalised; a window of frames ``(B, W_f, C, H, W)`` (changes in tendency-std units); noise levels ``(B, W_f)``.
 
     Args:
-        n_channels, n_forcings, n_static, input_steps: C, F, S and T_in.
+        n_channels, n_forcings, n_static, input_steps, latitude, residual_scale: As for
+            :class:`~forecasting.diffusion.conditional.OneGridNetwork` (the conditioning takes the forcings of
+            ``T_in + W_f`` times; a normalised state change times ``residual_scale`` is a frame).
         schedule: The window's :class:`RollingSchedule`.
-        latitude: Shape (H,), the grid's latitudes in degrees.
-        residual_scale: Shape (C,), ``std / tendency_std``: a normalised state change times this is a frame.
         periodic_lon: The grid goes round the globe (circular padding in longitude).
         sigma_data: EDM ``sigma_data`` of the frames.
         unet: Keyword arguments of :class:`~forecasting.models.UNet` (``base_channels``, ``channel_mult``,
@@ -180,46 +173,20 @@ class RollingDiffusion(nn.Module):
         sigma_data: float,
         unet: Mapping[str, Any],
     ) -> None:
-        super().__init__()
         if not sigma_data > 0:
             raise ValueError(f"sigma_data must be positive; found {sigma_data}")
-        self.n_channels, self.input_steps, self.window = n_channels, input_steps, schedule.window
+        super().__init__(
+            n_channels=n_channels, n_forcings=n_forcings, n_static=n_static, input_steps=input_steps,
+            forcing_times=input_steps + schedule.window, latitude=latitude, residual_scale=residual_scale,
+        )
+        self.window = schedule.window
         self.schedule = schedule
         self.sigma_data = float(sigma_data)
-        scale = np.asarray(residual_scale, dtype=np.float32)
-        if scale.shape != (n_channels,):
-            raise ValueError(f"residual_scale must have shape ({n_channels},); found {scale.shape}")
-        self.register_buffer("residual_scale", torch.from_numpy(scale)[:, None, None], persistent=False)  # (C, 1, 1)
-        phi = np.deg2rad(np.asarray(latitude, dtype=np.float64))
-        features = np.stack([np.sin(phi), np.cos(phi)]).astype(np.float32)[:, :, None]  # (2, H, 1)
-        self.register_buffer("latitude_features", torch.from_numpy(features), persistent=False)
         frames = self.window * n_channels
-        # Conditioning: clean states, forcings of input and frame times, static fields, sin/cos latitude.
-        self.n_condition = input_steps * n_channels + (input_steps + self.window) * n_forcings + n_static + 2
         # Network input: the scaled noisy frames, the conditioning and one c_noise channel per frame.
         self.network = UNet(
             frames + self.n_condition + self.window, frames, conditions=("noise",), periodic_lon=periodic_lon,
             **dict(unet),
-        )
-
-    def conditioning(self, states: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
-        """``[states, forcings, static, sin/cos latitude]`` along channels: (B, n_condition, H, W)."""
-        batch, steps, channels, height, width = states.shape
-        if steps != self.input_steps or channels != self.n_channels:
-            raise ValueError(
-                f"states must have shape (B, {self.input_steps}, {self.n_channels}, H, W); found {tuple(states.shape)}"
-            )
-        if forcings.shape[1] != steps + self.window:
-            raise ValueError(
-                f"forcings must cover {steps + self.window} times in dim 1; found shape {tuple(forcings.shape)}"
-            )
-        grid = self.latitude_features.to(states.dtype).expand(batch, -1, -1, width)
-        if grid.shape[2] != height:
-            raise ValueError(f"the model's grid has {grid.shape[2]} latitudes; the states have {height}")
-        return torch.cat(
-            [states.reshape(batch, -1, height, width), forcings.reshape(batch, -1, height, width).to(states.dtype),
-             static.to(states.dtype), grid],
-            dim=1,
         )
 
     def frames(self, states: Tensor, targets: Tensor) -> Tensor:
@@ -274,7 +241,7 @@ class RollingDiffusion(nn.Module):
         return x
 
 
-class RollingObjective:
+class RollingObjective(WeightedObjective):
     """The per-frame EDM loss of a :class:`RollingDiffusion` on windows of WindowDataset samples.
 
     A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, W, C, H, W) normalised, ``forcings``
@@ -300,8 +267,7 @@ class RollingObjective:
             raise ValueError(f"init_fraction must be in [0, 1]; found {init_fraction}")
         if lognormal is not None and not lognormal[1] > 0:
             raise ValueError(f"the log-normal weighting needs P_std > 0; found {lognormal}")
-        self.area_weights = torch.as_tensor(np.asarray(area_weights, dtype=np.float32))
-        self.channel_weights = torch.as_tensor(np.asarray(channel_weights, dtype=np.float32))
+        super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.init_fraction = float(init_fraction)
         self.lognormal = lognormal
 
@@ -328,194 +294,71 @@ class RollingObjective:
         if self.lognormal is not None:
             p_mean, p_std = self.lognormal
             frame_weight = frame_weight * torch.exp(-((s.log() - p_mean) ** 2) / (2 * p_std**2))
-        weights = self.channel_weights.to(device)[:, None, None] * self.area_weights.to(device)[:, None]  # (C, H, 1)
+        weights = self.point_weights(device)  # (C, H, 1)
         per_frame = (frame_weight * (denoised.float() - y) ** 2 * weights).mean(dim=(0, 2, 3, 4))  # (W,)
         return {"loss": per_frame.mean(), "loss_first_frame": per_frame[0].detach(),
                 "loss_last_frame": per_frame[-1].detach()}
 
 
-class RollingDiffusionForecaster(DiffusionForecaster):
+class RollingDiffusionForecaster(OneGridDiffusionForecaster):
     """The rolling diffusion forecaster on one grid (see the module docstring).
 
     Build it with :meth:`from_stores` (untrained) or :meth:`from_checkpoint`. Attributes as for
-    :class:`~forecasting.diffusion.conditional.DiffusionForecaster` (``model_config``, ``channels``, ``static``,
-    ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus ``schedule`` (:class:`RollingSchedule`);
-    ``model`` is a :class:`RollingDiffusion`.
+    :class:`~forecasting.diffusion.conditional.OneGridDiffusionForecaster` (``model_config``, ``channels``,
+    ``static``, ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus ``schedule``
+    (:class:`RollingSchedule`); ``model`` is a :class:`RollingDiffusion`.
     """
 
     family = "rolling"
+    config_type = RollingDiffusionModelConfig
+    checkpoint_name = "rolling diffusion"
 
-    def __init__(
-        self,
-        *,
-        model_config: RollingDiffusionModelConfig,
-        channels: Channels,
-        static: Channels,
-        normalisation: Normalisation,
-        grid: str,
-        latitude: np.ndarray,
-        longitude: np.ndarray,
-        step: pd.Timedelta,
-    ) -> None:
+    model_config: RollingDiffusionModelConfig
+    model: RollingDiffusion
+
+    def _network(self) -> RollingDiffusion:
+        config = self.model_config
         try:
             self.schedule = RollingSchedule(
-                window=model_config.window, sigma_min=model_config.sigma_min, sigma_max=model_config.sigma_max,
-                rho=model_config.rho,
+                window=config.window, sigma_min=config.sigma_min, sigma_max=config.sigma_max, rho=config.rho
             )
         except ValueError as exc:
             raise ConfigError(f"model: {exc}") from None
-        self.model_config = model_config
-        self.channels = channels
-        self.static = static
-        self.normalisation = normalisation
-        self.grid = grid
-        self.grids = (grid,)
-        self.latitude = np.asarray(latitude, dtype=np.float64)
-        self.longitude = np.asarray(longitude, dtype=np.float64)
-        self.step = pd.Timedelta(step)
-        self.input_steps = model_config.input_steps
-        self.model = RollingDiffusion(
-            n_channels=len(channels),
-            n_forcings=len(FORCING_NAMES),
-            n_static=len(static),
-            input_steps=self.input_steps,
-            schedule=self.schedule,
-            latitude=self.latitude,
-            residual_scale=normalisation.std / normalisation.tendency_std,
-            periodic_lon=grid == GLOBAL,
-            sigma_data=model_config.sigma_data,
-            unet={
-                "base_channels": model_config.base_channels,
-                "channel_mult": tuple(model_config.channel_mult),
-                "blocks_per_level": model_config.blocks_per_level,
-                "embedding_dim": model_config.embedding_dim,
-                "dropout": model_config.dropout,
-            },
-        )
+        return RollingDiffusion(**self._network_arguments(), schedule=self.schedule, sigma_data=config.sigma_data)
 
-    @classmethod
-    def from_config(
-        cls, config: ExperimentConfig, *, checkpoint: Checkpoint | None = None
-    ) -> RollingDiffusionForecaster:
-        if checkpoint is not None:
-            return cls.from_checkpoint(checkpoint)
-        assert isinstance(config.model, RollingDiffusionModelConfig)
-        if config.data is None:
-            raise ConfigError("the config has no 'data' section naming the stores (data.global_store, data.regional_store)")
-        return cls.from_stores(config.model, config.data)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint) -> RollingDiffusionForecaster:
-        """Rebuild from a checkpoint written by :meth:`save_checkpoint` (weights loaded, eval mode).
-
-        Raises SchemaError naming the file when it holds another family or weights that do not fit.
-        """
-        if checkpoint.family != cls.family:
-            raise SchemaError(
-                f"{checkpoint.path} holds a {checkpoint.family!r} model, not a {cls.family!r} one; use a checkpoint "
-                f"trained with model.family: {cls.family}"
-            )
-        model = parse_config(checkpoint.config, source=str(checkpoint.path)).model
-        data = checkpoint.data
-        missing = [k for k in ("channels", "static", "step", "grid", "latitude", "longitude") if k not in data]
-        if not isinstance(model, RollingDiffusionModelConfig) or missing:
-            raise SchemaError(
-                f"{checkpoint.path}: not a rolling diffusion checkpoint (model config {type(model).__name__}, data "
-                f"entries missing: {missing})"
-            )
-        forecaster = cls(
-            model_config=model,
-            channels=Channels.from_dict(data["channels"]),
-            static=Channels.from_dict(data["static"]),
-            normalisation=Normalisation.from_dict(checkpoint.statistics),
-            grid=str(data["grid"]),
-            latitude=np.asarray(data["latitude"], dtype=np.float64),
-            longitude=np.asarray(data["longitude"], dtype=np.float64),
-            step=pd.Timedelta(data["step"]),
-        )
-        try:
-            forecaster.model.load_state_dict(checkpoint.state_dict)
-        except RuntimeError as exc:
-            raise SchemaError(f"{checkpoint.path}: the weights do not fit the model its config describes: {exc}") from None
-        forecaster.model.eval()
-        return forecaster
-
-    # -- inference -------------------------------------------------------------------------------
-    def _iterate(self, initial, *, starts, positions, steps, members, boundary, seed) -> Iterator[LeadChunk]:
-        if boundary is not None:
-            raise SchemaError("the rolling family forecasts one grid without boundary values; pass no boundary dataset")
+    def _sample_leads(self, states, static, *, starts, steps, members, seed) -> Iterator[tuple[int, Tensor]]:
         config = self.model_config
         device = self.device
-        ds = initial[self.grid]
-        n_starts, n_samples = len(starts), len(starts) * members
+        n_samples = states.shape[0]
         n_channels, height, width = len(self.channels), len(self.latitude), len(self.longitude)
         window = self.schedule.window
-        norm = self.normalisation
-        index = self._input_positions(ds, starts, source=f"initial conditions ({self.grid} grid)")
-        stacked = self.channels.stack(ds[list(self.channels.variables)].isel({TIME: index.ravel()}))
-        states = (
-            torch.from_numpy(_normalised(stacked, norm.mean[:, None, None], norm.std[:, None, None]))
-            .reshape(n_starts, self.input_steps, n_channels, height, width)
-            .repeat_interleave(members, dim=0)
-            .to(device)
-        )  # (n_samples, T_in, C, H, W)
-        static_values = self.static.stack(ds[list(self.static.variables)])
-        static = torch.from_numpy(
-            _normalised(static_values, norm.static_mean[:, None, None], norm.static_std[:, None, None])
-        ).to(device)  # (S, H, W)
-        # The input times and the window's frame times of the first pass: (n_starts, T_in + W).
-        times = starts.values[:, None] + np.array(
-            [self.step * (k - self.input_steps + 1) for k in range(self.input_steps + window)], dtype="m8[ns]"
-        )[None, :]
-
-        def forcings(k: int) -> Tensor:  # pass k: everything k steps later
-            later = times + np.timedelta64(self.step * k)
-            values = np.stack([time_forcings(row, self.longitude, height) for row in later])  # (n, T_in + W, F, H, W)
-            return torch.from_numpy(values).repeat_interleave(members, dim=0).to(device)
-
-        generators = [
-            torch.Generator(device=device).manual_seed(_member_seed(seed, start, m))
-            for start in starts for m in range(members)
-        ]
-        groups = [slice(first, min(first + config.member_batch, n_samples))
-                  for first in range(0, n_samples, config.member_batch)]
+        generators = self._member_generators(starts, members, seed)
+        groups = self._member_batches(n_samples)
         sigma_max = self.schedule.sigma_max
 
         def fresh(rows: slice, n_frames: int) -> Tensor:  # fully noised frames: (rows, n_frames, C, H, W)
             shape = (rows.stop - rows.start, n_frames, n_channels, height, width)
             return sigma_max * standard_normal(shape, generators[rows], device=device, dtype=torch.float32)
 
-        mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=device)[:, None, None]
-        std = torch.as_tensor(norm.std, dtype=torch.float32, device=device)[:, None, None]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                frames = [fresh(rows, window) for rows in groups]
-                for k in range(steps):
-                    forcing = forcings(k)
-                    emitted = []
-                    for g, rows in enumerate(groups):
-                        if k > 0:  # drop the emitted frame, append a fully noised one
-                            frames[g] = torch.cat([frames[g][:, 1:], fresh(rows, 1)], dim=1)
-                        condition = self.model.conditioning(
-                            states[rows], forcing[rows], static.expand(rows.stop - rows.start, -1, -1, -1)
-                        )
-                        passes = config.init_steps if k == 0 else config.sampling_steps
-                        frames[g] = self.model.denoising_pass(
-                            frames[g], condition, init=k == 0, steps=passes, method=config.sampler
-                        )
-                        emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
-                    state = torch.cat(emitted)  # (n_samples, C, H, W), normalised
-                    states = torch.cat([states[:, 1:], state[:, None]], dim=1)
-                    values = (state * std + mean).cpu().numpy()
-                    chunk = self._chunk_dataset(
-                        values.reshape(n_starts, members, n_channels, height, width), starts=starts, lead=k,
-                        members=members, lat=ds[LAT].values, lon=ds[LON].values,
-                    )
-                    yield LeadChunk(positions, k, {self.grid: chunk})
-        finally:
-            self.model.train(was_training)
+        frames = [fresh(rows, window) for rows in groups]
+        for k in range(steps):
+            # Pass k: the input times and the window's frame times, k steps on from the first pass.
+            forcing = self._forcings(starts, members, ahead=range(1, window + 1), later=k)
+            emitted = []
+            for g, rows in enumerate(groups):
+                if k > 0:  # drop the emitted frame, append a fully noised one
+                    frames[g] = torch.cat([frames[g][:, 1:], fresh(rows, 1)], dim=1)
+                condition = self.model.conditioning(
+                    states[rows], forcing[rows], static.expand(rows.stop - rows.start, -1, -1, -1)
+                )
+                passes = config.init_steps if k == 0 else config.sampling_steps
+                frames[g] = self.model.denoising_pass(
+                    frames[g], condition, init=k == 0, steps=passes, method=config.sampler
+                )
+                emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
+            state = torch.cat(emitted)  # (n_samples, C, H, W), normalised
+            states = torch.cat([states[:, 1:], state[:, None]], dim=1)
+            yield k, state
 
 
 def rolling_training_setup(config: ExperimentConfig) -> TrainingSetup:
@@ -526,64 +369,22 @@ def rolling_training_setup(config: ExperimentConfig) -> TrainingSetup:
     store, variables, grid and periods. Windows of ``input_steps`` states and ``window`` targets come from
     :class:`~forecasting.data.torch_dataset.WindowDataset` (normalised with the store's statistics).
     """
-    from forecasting.data.torch_dataset import WindowDataset
-    from forecasting.training.data import open_training_store
-    from forecasting.training.train import TrainingSetup
-
     training, data, model = config.training, config.data, config.model
     assert training is not None and data is not None and isinstance(model, RollingDiffusionModelConfig)
-    if training.max_rollout_steps != 1:
-        raise ConfigError(
-            f"training.rollout asks for up to {training.max_rollout_steps} steps; the rolling family trains whole "
-            "windows (model.window) without rollouts: use rollout [{at_step: 0, steps: 1}]"
-        )
-    if training.val_rollout_steps not in (None, 1):
-        raise ConfigError(
-            f"training.val_rollout_steps is {training.val_rollout_steps}; the rolling family validates whole windows "
-            "(leave it unset or 1)"
-        )
-    if training.regional_loss_share is not None:
-        raise ConfigError("training.regional_loss_share applies to two-grid models; the rolling family uses one grid")
-    forecaster = RollingDiffusionForecaster.from_stores(model, data)
-    path = data.global_store if model.grid == GLOBAL else data.regional_store
-    assert path is not None
-    store = open_training_store(path, in_memory=data.in_memory)
-    statistics = read_statistics(path)
-
-    def windows(period: tuple[str | None, str | None], what: str) -> WindowDataset:
-        try:
-            return WindowDataset(
-                store, variables=list(forecaster.channels.variables), input_steps=forecaster.input_steps,
-                target_steps=model.window, step=forecaster.step, time=period, statistics=statistics,
-                static_variables=list(forecaster.static.variables), normalise=True,
-            )
-        except SchemaError as exc:
-            raise SchemaError(f"{path}, {what} period {list(period)}: {exc}") from None
-
-    train_set = windows(training.train_period, "training")
-    val_set = windows(training.val_period, "validation") if training.val_period is not None else None
-    objective = RollingObjective(
-        area_weights=latitude_weights(forecaster.latitude),
-        channel_weights=forecaster.channel_weights(training.variable_weights),
-        init_fraction=model.init_fraction,
-        lognormal=None if model.p_mean is None else (model.p_mean, model.p_std),
+    check_one_grid_training(
+        training, family=RollingDiffusionForecaster.family,
+        trains="the rolling family trains whole windows (model.window) without rollouts",
+        validates="the rolling family validates whole windows",
     )
-
-    def export(out: Path, metadata: dict) -> Path:
-        return forecaster.save_checkpoint(out, config=config, metadata=metadata)
-
-    summary = {
-        "family": forecaster.family,
-        "grid": forecaster.grid,
-        "shape": [len(forecaster.latitude), len(forecaster.longitude)],
-        "channels": list(forecaster.channels.names),
-        "parameters": sum(p.numel() for p in forecaster.model.parameters()),
-        "window": model.window,
-        "sampler": model.sampler,
-        "network_evaluations_per_lead": evaluations(model.sampler, model.sampling_steps),
-        "network_evaluations_first_window": evaluations(model.sampler, model.init_steps),
-    }
-    return TrainingSetup(
-        model=forecaster.model, objective=objective, train=train_set, val=val_set, val_rollout_steps=1,
-        export=export, summary=summary,
+    forecaster = RollingDiffusionForecaster.from_stores(model, data)
+    return one_grid_training_setup(
+        config, forecaster, target_steps=model.window,
+        objective=partial(RollingObjective, init_fraction=model.init_fraction,
+                          lognormal=None if model.p_mean is None else (model.p_mean, model.p_std)),
+        summary={
+            "window": model.window,
+            "sampler": model.sampler,
+            "network_evaluations_per_lead": evaluations(model.sampler, model.sampling_steps),
+            "network_evaluations_first_window": evaluations(model.sampler, model.init_steps),
+        },
     )

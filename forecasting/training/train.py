@@ -112,8 +112,39 @@ def _graph_setup(config: ExperimentConfig) -> TrainingSetup:
     )
 
 
+def _diffusion_setup(config: ExperimentConfig) -> TrainingSetup:
+    """The conditional diffusion family (its module builds on the forecasters, so it is imported on use)."""
+    from forecasting.diffusion.conditional import diffusion_training_setup
+
+    return diffusion_training_setup(config)
+
+
+def _rolling_setup(config: ExperimentConfig) -> TrainingSetup:
+    """The rolling diffusion family (imported on use, as the conditional diffusion family)."""
+    from forecasting.diffusion.rolling import rolling_training_setup
+
+    return rolling_training_setup(config)
+
+
+def _dyffusion_setup(config: ExperimentConfig) -> TrainingSetup:
+    """The DYffusion family, both stages in one run (imported on use, as the conditional diffusion family)."""
+    from forecasting.diffusion.dyffusion import dyffusion_training_setup
+
+    return dyffusion_training_setup(config)
+
+
+def _downscaling_setup(config: ExperimentConfig) -> TrainingSetup:
+    """The downscaling family (regression + residual diffusion; its module imports this one on use)."""
+    from forecasting.downscaling import downscaling_training_setup
+
+    return downscaling_training_setup(config)
+
+
 #: Trainable families: family -> setup builder. Families without an entry have nothing to train.
-TRAINABLE: dict[str, Callable[[ExperimentConfig], TrainingSetup]] = {"graph": _graph_setup}
+TRAINABLE: dict[str, Callable[[ExperimentConfig], TrainingSetup]] = {
+    "graph": _graph_setup, "diffusion": _diffusion_setup, "downscaling": _downscaling_setup,
+    "rolling": _rolling_setup, "dyffusion": _dyffusion_setup,
+}
 
 
 def _precision(training: TrainingConfig) -> str:
@@ -193,6 +224,8 @@ def train(
         raise ForecastingError(f"run directory {out} already exists; pass --resume to continue it or --overwrite to start again")
 
     seed_everything(training.seed, verbose=False)
+    if training.num_threads is not None:
+        torch.set_num_threads(training.num_threads)
     setup = TRAINABLE[family](config)
 
     if manager and not resume:

@@ -28,7 +28,11 @@ import xarray as xr
 from forecasting.errors import SchemaError
 from forecasting.schema import LAT, LEAD, LEVEL, LON, MEMBER, TIME, VALID_TIME, subset
 from forecasting.verification import metrics as m
-from forecasting.verification.spectra import zonal_power_spectrum
+from forecasting.verification.spectra import (
+    regional_band_count,
+    regional_power_spectrum,
+    zonal_power_spectrum,
+)
 
 VARIABLE = "variable"
 REGION = "region"
@@ -59,8 +63,11 @@ class GridVerification:
     per_start: ``score`` (metric, variable, time, prediction_timedelta, region), the scorecard's input
         (RMSE-type entries are per-start RMSEs: ``sqrt(MSE_t)``).
     rank_histogram: counts (variable, prediction_timedelta, region, rank), or None for one member.
-    spectra: mean zonal power (source, variable, prediction_timedelta, lat_band, wavenumber) of the
-        forecast (member 0) and the truth, or None when the grid is not global.
+    spectra: on a global grid, mean zonal power (source, variable, prediction_timedelta, lat_band,
+        wavenumber) of the forecast (member 0) and the truth; on a limited-area grid, mean 2-D DCT power
+        (source, variable, prediction_timedelta, wavenumber; :func:`~.spectra.regional_power_spectrum`) of
+        the forecast's members (the mean of their spectra), its ensemble mean (``ensemble_mean``, several
+        members only) and the truth; None when not asked for or the grid is too small or irregular.
     """
 
     scores: xr.Dataset
@@ -231,7 +238,7 @@ def verify_grid(
     if LEVEL in forecast.dims:
         truth = truth.sel({LEVEL: forecast[LEVEL].values})
     n_member = forecast.sizes[MEMBER]
-    do_spectra = spectra and is_global(forecast)
+    spectra_kind = _spectra_kind(forecast) if spectra else None
     per_start_parts: list[xr.DataArray] = []
     rank_total: xr.DataArray | None = None
     spectra_total: xr.DataArray | None = None
@@ -263,8 +270,8 @@ def verify_grid(
         if region_ranks:
             counts = xr.concat(region_ranks, dim=pd.Index(list(regions), name=REGION, dtype=object))
             rank_total = counts if rank_total is None else rank_total + counts
-        if do_spectra:
-            spec = _spectra(fc, tr) * fc.sizes[TIME]
+        if spectra_kind is not None:
+            spec = (_spectra(fc, tr) if spectra_kind == "zonal" else _regional_spectra(fc, tr)) * fc.sizes[TIME]
             spectra_total = spec if spectra_total is None else spectra_total + spec
         if progress is not None:
             progress(i + 1, len(chunks))
@@ -291,3 +298,28 @@ def _spectra(forecast: xr.Dataset, truth: xr.Dataset) -> xr.DataArray:
     fc = zonal_power_spectrum(forecast.isel({MEMBER: 0}, drop=True)).mean(TIME, skipna=True).to_array(VARIABLE)
     tr = zonal_power_spectrum(truth).mean(TIME, skipna=True).to_array(VARIABLE)
     return xr.concat([fc, tr], dim=pd.Index(["forecast", "truth"], name="source", dtype=object))
+
+
+def _spectra_kind(forecast: xr.Dataset) -> str | None:
+    """``zonal`` on a global grid, ``regional`` (2-D DCT) on a limited-area grid that holds at least two
+    bands, None on one too small or irregular for a spectrum (no spectrum rather than no verification)."""
+    if is_global(forecast):
+        return "zonal"
+    try:
+        bands = regional_band_count(forecast[LAT].values, forecast[LON].values)
+    except SchemaError:
+        return None
+    return "regional" if bands >= 2 else None
+
+
+def _regional_spectra(forecast: xr.Dataset, truth: xr.Dataset) -> xr.DataArray:
+    """2-D DCT spectra averaged over the chunk's start times: the members (mean of their spectra), the ensemble
+    mean (several members) and the truth."""
+    parts = [regional_power_spectrum(forecast).mean([TIME, MEMBER], skipna=True).to_array(VARIABLE)]
+    sources = ["forecast"]
+    if forecast.sizes[MEMBER] > 1:
+        parts.append(regional_power_spectrum(forecast.mean(MEMBER)).mean(TIME, skipna=True).to_array(VARIABLE))
+        sources.append("ensemble_mean")
+    parts.append(regional_power_spectrum(truth).mean(TIME, skipna=True).to_array(VARIABLE))
+    sources.append("truth")
+    return xr.concat(parts, dim=pd.Index(sources, name="source", dtype=object))

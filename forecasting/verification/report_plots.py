@@ -104,8 +104,14 @@ def _spectra_plots(folder: Path, spectra: dict[str, xr.DataArray], *, forecast: 
     first = next(iter(spectra.values()))
     last_lead = first[LEAD].values[-1]
     for variable in [str(v) for v in first[VARIABLE].values][:MAX_VARIABLES]:
-        lines = [a.sel({"source": "forecast", VARIABLE: variable, LEAD: last_lead}, drop=True).expand_dims(model=[k])
-                 for k, a in spectra.items()]
+        lines = []
+        for k, a in spectra.items():
+            lines.append(a.sel({"source": "forecast", VARIABLE: variable, LEAD: last_lead}, drop=True)
+                         .expand_dims(model=[k]))
+            if "ensemble_mean" in a["source"].values:  # regional spectra of an ensemble: its mean too
+                mean = a.sel({"source": "ensemble_mean", VARIABLE: variable, LEAD: last_lead}, drop=True)
+                if not bool(mean.isnull().all()):
+                    lines.append(mean.expand_dims(model=[f"{k} (ensemble mean)"]))
         lines.append(first.sel({"source": "truth", VARIABLE: variable, LEAD: last_lead}, drop=True)
                      .expand_dims(model=["truth"]))
         data = xr.concat(lines, dim="model", coords="minimal", compat="override")
@@ -114,7 +120,8 @@ def _spectra_plots(folder: Path, spectra: dict[str, xr.DataArray], *, forecast: 
         data.name = variable
         hours = pd.Timedelta(last_lead) / pd.Timedelta(hours=1)
         path = folder / f"spectra_{_safe(variable)}.png"
-        files.append(plotting.plot_spectra(data, path, title=f"Zonal power spectra of {variable} at lead {hours:g} h"))
+        kind = "Zonal power spectra" if "lat_band" in first.dims else "2-D DCT spectra (members: mean)"
+        files.append(plotting.plot_spectra(data, path, title=f"{kind} of {variable} at lead {hours:g} h"))
     return files
 
 

@@ -23,6 +23,24 @@ first if that matters. In both cases the coordinate ``wavelength_km`` (lat_band,
 ``N dlon (pi / 180) R cos(phi_mid) / k`` with ``R = 6371 km`` and ``phi_mid`` the middle of the band's
 latitudes present in the field (``inf`` at ``k = 0``); for the global band that is the equator.
 Time, lead and member means are left to the caller.
+
+Limited-area grids: 2-D DCT spectra (:func:`regional_power_spectrum`). A regional field is not periodic, so
+its Fourier spectrum aliases the jump between opposite edges into every wavenumber. The discrete cosine
+transform (Denis, Côté and Laprise 2002, "Spectral decomposition of two-dimensional atmospheric fields on
+limited-area domains using the discrete cosine transform (DCT)", Mon. Wea. Rev. 130, 1812-1829) expands the
+field in cosines that are even about the domain's edges and needs neither detrending nor tapering. With
+``N_i x N_j`` points (latitude x longitude), the orthonormal DCT-II coefficients ``F(m, n)`` satisfy
+``sum F**2 = sum f**2``, so the variance is ``sigma**2 = sum_{(m, n) != (0, 0)} F(m, n)**2 / (N_i N_j)`` (population
+variance) and mode ``(m, n)`` has the physical wavenumber (cycles per km)
+``kappa = sqrt((m / (2 L_y))**2 + (n / (2 L_x))**2)``, with domain lengths ``L_y = N_i dy`` and ``L_x = N_j dx``,
+``dy = dlat (pi / 180) R`` and ``dx = dlon (pi / 180) R cos(phi_mid)`` at the domain's middle latitude. Modes are
+binned in bands of width ``delta = 1 / (2 min(L_x, L_y))``: band ``k`` (the ``wavenumber`` coordinate, 1..K) holds
+``(k - 1/2) delta <= kappa < (k + 1/2) delta`` and has ``wavelength_km = 1 / (k delta)`` (``k`` half-wavelengths
+across the shorter side); ``K = round(kappa_N / delta)`` with ``kappa_N = min(1 / (2 dy), 1 / (2 dx))``, the
+largest wavenumber resolved in every direction. The band powers sum to the variance less what lies in band 0
+(wavelengths longer than twice the longer side) and in the corners beyond band K. A cosine mode
+``A cos(pi n (j + 1/2) / N_j)`` has power ``A**2 / 2`` in its band. :func:`small_scale_power_ratio` compares the
+power at the finest scales of two spectra.
 """
 
 from __future__ import annotations
@@ -30,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.fft
 import xarray as xr
 
 from forecasting.errors import SchemaError
@@ -172,3 +191,149 @@ def _zonal_power(field: xr.DataArray, n_lon: int) -> xr.DataArray:
         dask_gufunc_kwargs={"output_sizes": {WAVENUMBER: n_k}},
     )
     return out.assign_coords({WAVENUMBER: np.arange(n_k)})
+
+
+def regional_power_spectrum(field: xr.DataArray | xr.Dataset) -> xr.DataArray | xr.Dataset:
+    """2-D DCT variance spectrum of limited-area fields (Denis et al. 2002; see the module docstring).
+
+    Args:
+        field: dims (..., latitude, longitude) in any order, on a regular grid (one ascending range in each
+            direction) holding at least 2 bands (:func:`regional_band_count`). A Dataset is done per variable;
+            dask input stays lazy.
+
+    Returns:
+        Shape (..., wavenumber): the other dims preserved, ``wavenumber`` = band ``k`` = 1..K, coordinate
+        ``wavelength_km`` (wavenumber). Units of the field squared; attrs ``band_width_per_km`` (``delta``).
+
+    Raises:
+        SchemaError: missing latitude/longitude dims or coordinates, irregular axes, or a grid too small to
+            hold a band.
+    """
+    if isinstance(field, xr.Dataset):
+        return field.map(regional_power_spectrum)
+    for dim in (LAT, LON):
+        if dim not in field.dims or dim not in field.coords:
+            raise SchemaError(
+                f"regional_power_spectrum needs {LAT!r} and {LON!r} dims with coordinates; field {field.name!r} has "
+                f"dims {dict(field.sizes)}"
+            )
+    n_i, n_j = field.sizes[LAT], field.sizes[LON]
+    band, delta = _dct_bands(field[LAT].values, field[LON].values, field_name=field.name)
+    n_bands = regional_band_count(field[LAT].values, field[LON].values)
+    if n_bands < 2:
+        raise SchemaError(
+            f"regional_power_spectrum: the grid of field {field.name!r} ({n_i} x {n_j} points) is too small for a "
+            "spectrum: it holds fewer than 2 bands (see regional_band_count)"
+        )
+    membership = np.zeros((n_i * n_j, n_bands))  # (mode, band): which band each mode falls in
+    inside = np.flatnonzero((band.ravel() >= 1) & (band.ravel() <= n_bands))
+    membership[inside, band.ravel()[inside] - 1] = 1.0
+
+    def power(values: np.ndarray) -> np.ndarray:
+        coefficients = scipy.fft.dctn(values, type=2, norm="ortho", axes=(-2, -1))
+        per_mode = coefficients.reshape(*values.shape[:-2], n_i * n_j) ** 2 / (n_i * n_j)
+        return per_mode @ membership
+
+    if field.chunks is not None:
+        field = field.chunk({LAT: -1, LON: -1})
+    out = xr.apply_ufunc(
+        power, field, input_core_dims=[[LAT, LON]], output_core_dims=[[WAVENUMBER]], dask="parallelized",
+        output_dtypes=[np.float64], dask_gufunc_kwargs={"output_sizes": {WAVENUMBER: n_bands}},
+    )
+    wavenumbers = np.arange(1, n_bands + 1)
+    out = out.assign_coords({WAVENUMBER: wavenumbers, WAVELENGTH: (WAVENUMBER, 1.0 / (wavenumbers * delta))})
+    out.name = field.name
+    out.attrs = {"long_name": "2-D DCT variance spectrum (Denis et al. 2002)", "band_width_per_km": float(delta)}
+    if "units" in field.attrs:
+        out.attrs["units"] = f"({field.attrs['units']})**2"
+    return out
+
+
+def small_scale_power_ratio(
+    power: xr.DataArray | xr.Dataset,
+    reference: xr.DataArray | xr.Dataset,
+    *,
+    fraction: float = 1.0 / 3.0,
+    wavelengths_km: tuple[float, float] | None = None,
+) -> xr.DataArray | xr.Dataset:
+    """Power at small scales of ``power`` over that of ``reference``, every dim but ``wavenumber`` kept.
+
+    The scales are the wavenumbers above ``(1 - fraction)`` of the largest one (the highest third by default),
+    or, with ``wavelengths_km = (shortest, longest)``, the bands whose ``wavelength_km`` lies in that range (e.g.
+    the scales a coarse grid cannot hold but the truth resolves). Both spectra need the same ``wavenumber`` axis
+    (e.g. from :func:`regional_power_spectrum` on one grid). A ratio of 1 restores the reference's variance at
+    those scales. Raises SchemaError for a bad ``fraction``, different axes or an empty wavelength range.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise SchemaError(f"fraction must be in (0, 1]; found {fraction}")
+    for name, spectrum in (("power", power), ("reference", reference)):
+        if WAVENUMBER not in spectrum.dims:
+            raise SchemaError(f"small_scale_power_ratio: {name} has no {WAVENUMBER!r} dim (dims {dict(spectrum.sizes)})")
+    k = np.asarray(power[WAVENUMBER].values, dtype=np.float64)
+    if not np.array_equal(k, np.asarray(reference[WAVENUMBER].values, dtype=np.float64)):
+        raise SchemaError("small_scale_power_ratio: the two spectra have different wavenumber axes")
+    if wavelengths_km is None:
+        chosen = k > (1.0 - fraction) * k.max()
+    else:
+        if WAVELENGTH not in power.coords or power[WAVELENGTH].dims != (WAVENUMBER,):
+            raise SchemaError(
+                f"small_scale_power_ratio: wavelengths_km needs a {WAVELENGTH!r} coordinate along {WAVENUMBER!r} only "
+                "(as regional_power_spectrum gives)"
+            )
+        wavelength = np.asarray(power[WAVELENGTH].values, dtype=np.float64)
+        chosen = (wavelength >= min(wavelengths_km)) & (wavelength <= max(wavelengths_km))
+        if not chosen.any():
+            raise SchemaError(
+                f"small_scale_power_ratio: no band has a wavelength in {list(wavelengths_km)} km; the bands span "
+                f"{wavelength.min():.0f}..{wavelength.max():.0f} km"
+            )
+    finest = {WAVENUMBER: chosen}
+    return power.isel(finest).sum(WAVENUMBER) / reference.isel(finest).sum(WAVENUMBER)
+
+
+def regional_band_count(latitude: np.ndarray, longitude: np.ndarray) -> int:
+    """The number K of bands of :func:`regional_power_spectrum` on a grid (see the module docstring).
+
+    Raises SchemaError when an axis is not one ascending, regularly spaced range.
+    """
+    lat = np.asarray(latitude, dtype=np.float64)
+    lon = np.asarray(longitude, dtype=np.float64)
+    dy, dx = _grid_lengths(lat, lon, field_name="grid")
+    delta = 1.0 / (2.0 * min(lat.size * dy, lon.size * dx))
+    return int(np.floor(min(1.0 / (2.0 * dy), 1.0 / (2.0 * dx)) / delta + 0.5))
+
+
+def _grid_lengths(lat: np.ndarray, lon: np.ndarray, *, field_name: object) -> tuple[float, float]:
+    """Grid lengths ``(dy, dx)`` in km: ``dx`` at the domain's middle latitude."""
+    d_lat = _regular_spacing(lat, name=LAT, field_name=field_name)
+    d_lon = _regular_spacing(lon, name=LON, field_name=field_name)
+    dy = float(np.deg2rad(d_lat) * EARTH_RADIUS_KM)
+    dx = float(np.deg2rad(d_lon) * EARTH_RADIUS_KM * np.cos(np.deg2rad((lat[0] + lat[-1]) / 2.0)))
+    return dy, dx
+
+
+def _dct_bands(latitude: np.ndarray, longitude: np.ndarray, *, field_name: object) -> tuple[np.ndarray, float]:
+    """The band of every DCT mode, shape (N_i, N_j) int64 (0: the mean and the longest waves), and ``delta``."""
+    lat = np.asarray(latitude, dtype=np.float64)
+    lon = np.asarray(longitude, dtype=np.float64)
+    dy, dx = _grid_lengths(lat, lon, field_name=field_name)
+    length_y, length_x = lat.size * dy, lon.size * dx
+    delta = 1.0 / (2.0 * min(length_x, length_y))
+    m = np.arange(lat.size)[:, None]
+    n = np.arange(lon.size)[None, :]
+    kappa = np.sqrt((m / (2.0 * length_y)) ** 2 + (n / (2.0 * length_x)) ** 2)  # cycles per km
+    return np.floor(kappa / delta + 0.5).astype(np.int64), delta
+
+
+def _regular_spacing(axis: np.ndarray, *, name: str, field_name: object) -> float:
+    """Spacing of an ascending, regularly spaced axis (one contiguous range)."""
+    if axis.size < 2:
+        raise SchemaError(f"{name} of field {field_name!r} needs at least 2 points; found {axis.size}")
+    steps = np.diff(axis)
+    step = float(np.median(steps))
+    if step <= 0 or not np.allclose(steps, step, rtol=1e-3, atol=1e-6):
+        raise SchemaError(
+            f"{name} of field {field_name!r} must be one ascending, regularly spaced range for a 2-D DCT spectrum; "
+            f"found steps {np.unique(np.round(steps, 6))[:5].tolist()}"
+        )
+    return step

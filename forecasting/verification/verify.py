@@ -2,8 +2,8 @@
 
 Inputs are paths: a forecast Zarr (forecast layout, or an analysis store viewed as a lead-0 forecast),
 optionally a gridded truth store, optionally observations (an observation store, CSV, Parquet or station
-netCDF) and a reference (``persistence`` or ``climatology`` built from the truth, or another forecast
-Zarr). Everything is scored by the same streaming code (:mod:`.gridded`, :mod:`.stations`), so the
+netCDF) and references (``persistence`` or ``climatology`` built from the truth, or other forecast Zarrs;
+the scorecard is against the first). Everything is scored by the same streaming code (:mod:`.gridded`, :mod:`.stations`), so the
 reference's numbers are directly comparable. Outputs, all under ``out_dir`` (written to a temporary
 directory and renamed into place at the end):
 
@@ -11,7 +11,9 @@ directory and renamed into place at the end):
   named areas of the grid plus ``stations``; ``scores.csv``: the same as a long table;
 * ``scorecard.nc`` / ``scorecard.csv`` / ``scorecard.md``: skill against the reference with paired
   bootstrap intervals over start times;
-* ``station_scores.nc`` (per station), ``rank_histogram.nc``, ``spectra.nc`` where they apply;
+* ``station_scores.nc`` (per station), ``rank_histogram.nc``, ``spectra.nc`` where they apply (zonal spectra on
+  a global grid, 2-D DCT spectra on a limited-area one, with the small-scale variance each model restores in
+  ``summary.md``);
 * ``plots/*.png`` and ``summary.md``.
 """
 
@@ -146,7 +148,7 @@ def verify(
     out_dir: str | Path,
     truth_path: str | Path | None = None,
     observations_path: str | Path | None = None,
-    reference: str | None = None,
+    reference: str | Sequence[str] | None = None,
     regions: Mapping[str, Area] | None = None,
     metrics: Sequence[str] = GRIDDED_METRICS,
     station_method: str = "bilinear",
@@ -156,14 +158,21 @@ def verify(
     overwrite: bool = False,
     plots: bool = True,
 ) -> VerifyResult:
-    """Verify a forecast; see the module docstring for inputs and outputs."""
+    """Verify a forecast; see the module docstring for inputs and outputs.
+
+    ``reference`` is one reference or several (e.g. the bilinear interpolation of a coarse model and a
+    stretched-grid model's regional output for a downscaled forecast): all are scored, plotted and compared in
+    the spectra; the scorecard is against the first.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise StoreError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
     if truth_path is None and observations_path is None:
         raise SchemaError("nothing to verify against: give --truth and/or --obs")
-    if reference in ("persistence", "climatology") and truth_path is None:
-        raise SchemaError(f"reference {reference!r} is built from the truth: give --truth too")
+    references = [reference] if isinstance(reference, str) else [str(r) for r in reference or ()]
+    for ref_spec in references:
+        if ref_spec in ("persistence", "climatology") and truth_path is None:
+            raise SchemaError(f"reference {ref_spec!r} is built from the truth: give --truth too")
 
     forecast = open_forecast(forecast_path)
     name = model_name or str(forecast.attrs.get("model", Path(forecast_path).stem))
@@ -188,19 +197,21 @@ def verify(
         clim_fn = _ClimatologyForecaster(truth, train_period)
 
     models: dict[str, xr.Dataset] = {name: forecast}
-    if reference is not None:
-        if reference in ("persistence", "climatology"):
-            ref = baseline_forecast(truth, kind=reference, init_times=forecast[TIME].values,
+    ref_name = None
+    for ref_spec in references:
+        if ref_spec in ("persistence", "climatology"):
+            ref = baseline_forecast(truth, kind=ref_spec, init_times=forecast[TIME].values,
                                     leads=forecast[LEAD].values, climatology_period=train_period)
-            ref_name = reference
+            this_name = ref_spec
         else:
-            ref = open_forecast(reference)
-            ref_name = str(ref.attrs.get("model", Path(reference).stem))
-            if ref_name == name:
-                ref_name = f"{ref_name} (reference)"
-        models[ref_name] = _select_common(ref, forecast, name=ref_name)
-    else:
-        ref_name = None
+            ref = open_forecast(ref_spec)
+            this_name = str(ref.attrs.get("model", Path(ref_spec).stem))
+            if this_name in models:
+                this_name = f"{this_name} ({Path(ref_spec).name})"
+            if this_name in models:
+                raise SchemaError(f"reference {ref_spec} is given twice")
+        models[this_name] = _select_common(ref, forecast, name=this_name)
+        ref_name = ref_name or this_name
 
     score_parts: dict[str, list[xr.DataArray]] = {}
     per_start: dict[str, list[xr.DataArray]] = {}
@@ -227,9 +238,11 @@ def verify(
         notes.append(clim_fn.note)
     if clim_fn is not None and clim_fn.unavailable:
         notes.append(f"ACC skipped: no climatology could be made from the truth ({clim_fn.unavailable})")
+    if len(references) > 1:
+        notes.append(f"references scored alongside: {', '.join(list(models)[1:])}; the scorecard is against {ref_name}")
     scores = _combine_models(score_parts)
     scores.attrs = {"forecast": str(forecast_path), "truth": str(truth_path), "observations": str(observations_path),
-                    "reference": str(reference), "n_start_times": int(forecast.sizes[TIME]),
+                    "reference": ", ".join(references) or "None", "n_start_times": int(forecast.sizes[TIME]),
                     "n_members": int(forecast.sizes[MEMBER]),
                     "rmse_definition": "sqrt of the start-time mean of area-weighted spatial-mean MSE (WeatherBench2)"}
     scorecard = None
@@ -339,7 +352,8 @@ def _write_outputs(tmp: Path, *, scores, scorecard, grids, station_tables, forec
         files += make_plots(tmp / "plots", scores=scores, scorecard=scorecard, ranks=ranks, spectra=spectra,
                             forecast=forecast, truth=truth, observations=observations, model=model)
     (tmp / "summary.md").write_text(
-        _summary(scores, scorecard, model=model, reference=reference, files=files, root=tmp, notes=notes))
+        _summary(scores, scorecard, model=model, reference=reference, files=files, root=tmp, notes=notes,
+                 small_scales=_small_scale_table(spectra)))
     files.append(tmp / "summary.md")
     return files
 
@@ -375,8 +389,32 @@ def _lead_label(lead) -> str:
     return f"{hours:g} h"
 
 
+def _small_scale_table(spectra: Mapping[str, xr.DataArray]) -> str:
+    """A Markdown table of the power at the finest third of wavenumbers relative to the truth's (2-D DCT spectra
+    of limited-area grids), per variable and model (members and, for ensembles, the ensemble mean) at each lead;
+    empty for zonal spectra or none."""
+    from forecasting.verification.spectra import small_scale_power_ratio
+
+    regional = {k: a for k, a in spectra.items() if "lat_band" not in a.dims}
+    if not regional:
+        return ""
+    first = next(iter(regional.values()))
+    leads = first[LEAD].values
+    lines = ["| variable | model | " + " | ".join(_lead_label(x) for x in leads) + " |", "|" + "---|" * (2 + len(leads))]
+    for variable in first[VARIABLE].values:
+        truth = first.sel({"source": "truth", VARIABLE: variable})
+        for model, spectrum in regional.items():
+            for source, label in (("forecast", model), ("ensemble_mean", f"{model} (ensemble mean)")):
+                if source not in spectrum["source"].values:
+                    continue
+                ratio = small_scale_power_ratio(spectrum.sel({"source": source, VARIABLE: variable}), truth)
+                cells = " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in ratio.sel({LEAD: leads}).values)
+                lines.append(f"| {variable} | {label} | {cells} |")
+    return "\n".join(lines)
+
+
 def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None, files, root: Path,
-             notes: Sequence[str] = ()) -> str:
+             notes: Sequence[str] = (), small_scales: str = "") -> str:
     lines = [f"# Verification of {model}", ""]
     attrs = scores.attrs
     lines.append(f"Forecast `{attrs.get('forecast')}`: {attrs.get('n_start_times')} start times, "
@@ -391,6 +429,11 @@ def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None
             table = summary_table(scores, region=str(region), metric=metric)
             if table:
                 lines += ["", f"## {metric} — {region}", "", table]
+    if small_scales:
+        explanation = ("Power at the finest third of the resolved wavenumbers relative to the truth's (2-D DCT "
+                       "spectra, Denis et al. 2002; members: their mean spectrum); 1 restores the truth's small-scale "
+                       "variance.")
+        lines += ["", "## Small-scale variance restored", "", explanation, "", small_scales]
     if scorecard is not None:
         lines += ["", f"## Scorecard: {model} against {reference}", "",
                   "Skill in % (positive: better than the reference); * marks a 95% paired-bootstrap interval "
