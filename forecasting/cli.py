@@ -312,17 +312,10 @@ def _cmd_flow(args: argparse.Namespace) -> None:
     import yaml
 
     flows = _prefect_flows(args.quiet)
-    chosen = flows.FLOWS[args.name]
     parameters = {k: yaml.safe_load(v) for k, v in _key_values(args.param, option="--param").items()}
     if args.config is not None:
         parameters["config"] = args.config
-    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
-
-    try:
-        chosen.validate_parameters(parameters)
-    except (ParameterTypeError, SignatureMismatchError) as exc:
-        raise ForecastingError(f"flow {args.name}: {exc}") from None
-    print(f"flow {args.name} returned: {chosen(**parameters)}")
+    print(f"flow {args.name} returned: {flows.run_flow(args.name, parameters)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import ParameterTypeError, SignatureMismatchError
 from prefect.futures import as_completed
 
 from forecasting import backtest as bt
@@ -268,3 +269,16 @@ FLOWS = {
     "quickstart": quickstart_flow,
     "downscale": downscale_flow,
 }
+
+
+def run_flow(name: str, parameters: dict[str, object]) -> object:
+    """Run the flow ``name`` of :data:`FLOWS` with ``parameters``, checked against its signature first.
+
+    Raises ForecastingError naming the flow and the parameter that does not fit.
+    """
+    chosen = FLOWS[name]
+    try:
+        chosen.validate_parameters(parameters)
+    except (ParameterTypeError, SignatureMismatchError) as exc:
+        raise ForecastingError(f"flow {name}: {exc}") from None
+    return chosen(**parameters)
