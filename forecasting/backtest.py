@@ -42,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -370,7 +371,8 @@ def prepare_backtest(config: ForecastRunConfig, *, overwrite: bool = False) -> d
             ds.attrs = {**clim.attrs, "note": note or ""}
             tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
             try:
-                ds.to_netcdf(tmp)
+                with _NETCDF_LOCK:
+                    ds.to_netcdf(tmp)
                 os.replace(tmp, path)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -467,36 +469,32 @@ def _score_grid(config: ForecastRunConfig, data: ModelData, grid: str, forecast_
     extra = {k: v.as_tuple() for k, v in config.regions.items()} if is_global(forecast) else None
     regions = _regions(forecast, extra)
     observations = _open_observations(config.observations) if config.observations is not None else None
-    clim = xr.open_dataset(climatology_file) if climatology_file is not None else None
-    try:
-        init, leads = forecast[TIME].values, forecast[LEAD].values
-        models: dict[str, xr.Dataset] = {data.name: forecast}
-        for kind in config.baselines:
-            if kind == "persistence":
-                models["persistence"] = persistence_forecast(truth[names], init_times=init, leads=leads)
-            elif clim is not None:
-                models["climatology"] = climatology_forecast(clim[names], init_times=init, leads=leads)
+    clim = _read_netcdf(climatology_file) if climatology_file is not None else None
+    init, leads = forecast[TIME].values, forecast[LEAD].values
+    models: dict[str, xr.Dataset] = {data.name: forecast}
+    for kind in config.baselines:
+        if kind == "persistence":
+            models["persistence"] = persistence_forecast(truth[names], init_times=init, leads=leads)
+        elif clim is not None:
+            models["climatology"] = climatology_forecast(clim[names], init_times=init, leads=leads)
 
-        def climatology_for_acc(init_times, lead_times) -> xr.Dataset | None:
-            if clim is None:
-                return None
-            return climatology_forecast(clim[names], init_times=init_times, leads=lead_times)
+    def climatology_for_acc(init_times, lead_times) -> xr.Dataset | None:
+        if clim is None:
+            return None
+        return climatology_forecast(clim[names], init_times=init_times, leads=lead_times)
 
-        out: list[tuple[str, xr.DataArray]] = []
-        for model, fc in models.items():
-            gridded = verify_grid(fc, truth, regions=regions, climatology_forecast=climatology_for_acc,
-                                  chunk_starts=1, spectra=False, source=f"{model} ({grid})",
-                                  truth_source=truth_path).per_start["score"]
-            out.append((model, _label_regions(gridded, grid)))
-            if observations is not None:
-                stations = _station_scores(fc, observations, method=config.station_method, chunk_starts=1)
-                if stations is not None:
-                    per_start = stations[2].expand_dims({REGION: [STATIONS]}, axis=-1)
-                    out.append((model, _label_regions(per_start, grid)))
-        return out
-    finally:
-        if clim is not None:
-            clim.close()
+    out: list[tuple[str, xr.DataArray]] = []
+    for model, fc in models.items():
+        gridded = verify_grid(fc, truth, regions=regions, climatology_forecast=climatology_for_acc,
+                              chunk_starts=1, spectra=False, source=f"{model} ({grid})",
+                              truth_source=truth_path).per_start["score"]
+        out.append((model, _label_regions(gridded, grid)))
+        if observations is not None:
+            stations = _station_scores(fc, observations, method=config.station_method, chunk_starts=1)
+            if stations is not None:
+                per_start = stations[2].expand_dims({REGION: [STATIONS]}, axis=-1)
+                out.append((model, _label_regions(per_start, grid)))
+    return out
 
 
 def _label_regions(scores: xr.DataArray, grid: str) -> xr.DataArray:
@@ -514,6 +512,18 @@ def _stack_models(per_model: Mapping[str, Sequence[xr.DataArray]]) -> xr.DataArr
     return stacked.transpose(MODEL, METRIC, VARIABLE, TIME, LEAD, REGION)
 
 
+#: Serialises this module's netCDF reads and writes within a process: the HDF5 library under netCDF4 is not
+#: thread-safe, and backtest start times run as threads of one process on a threaded Dask cluster (two
+#: concurrent writes crashed the interpreter with a segmentation fault).
+_NETCDF_LOCK = threading.Lock()
+
+
+def _read_netcdf(path: Path) -> xr.Dataset:
+    """The netCDF file at ``path`` loaded into memory (under :data:`_NETCDF_LOCK`, file closed)."""
+    with _NETCDF_LOCK, xr.open_dataset(path) as ds:
+        return ds.load()
+
+
 def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
     """Atomically write ``ds`` (string labels as fixed strings, floats as float32)."""
     out = ds.copy()
@@ -523,7 +533,8 @@ def _write_netcdf(ds: xr.Dataset, path: Path) -> None:
     encoding = {name: {"dtype": "float32"} for name, var in out.data_vars.items() if var.dtype.kind == "f"}
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        out.to_netcdf(tmp, encoding=encoding)
+        with _NETCDF_LOCK:
+            out.to_netcdf(tmp, encoding=encoding)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -610,8 +621,7 @@ def read_per_start_scores(paths: Sequence[Path]) -> xr.DataArray:
     for path in paths:
         if not path.is_file():
             raise StoreError(f"per-start scores {path} are missing: run the backtest first")
-        with xr.open_dataset(path) as ds:
-            parts.append(ds["score"].load())
+        parts.append(_read_netcdf(path)["score"])
     joined = xr.concat(parts, dim=TIME, join="outer", coords="minimal", compat="override")
     return joined.transpose(MODEL, METRIC, VARIABLE, TIME, LEAD, REGION)
 
