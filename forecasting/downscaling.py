@@ -103,7 +103,6 @@ __all__ = [
     "DownscalingNetwork",
     "DownscalingObjective",
     "PairDataset",
-    "channel_weights",
     "downscale",
     "downscaling_training_setup",
     "grid_spacing",
@@ -559,24 +558,6 @@ class DownscalingObjective:
             error = per_point / loss_weight(sigma.view(-1, 1, 1, 1), self.edm.sigma_data)
             metrics["denoised_rmse"] = (error * weights).mean().sqrt()
         return metrics
-
-
-def channel_weights(channels: Channels, variable_weights: Mapping[str, float]) -> np.ndarray:
-    """Per-channel loss weights (C,), mean 1, from weights per variable or channel (default 1).
-
-    Raises ConfigError naming keys that are neither a variable nor a channel, or when all weights are 0.
-    """
-    names = channels.names
-    unknown = sorted(set(variable_weights) - set(names) - set(channels.variables))
-    if unknown:
-        raise ConfigError(
-            f"training.variable_weights names {unknown}, which are neither variables {list(channels.variables)} "
-            f"nor channels {list(names)}"
-        )
-    weights = np.array([variable_weights.get(n, variable_weights.get(n.split("@")[0], 1.0)) for n in names])
-    if weights.sum() <= 0:
-        raise ConfigError("training.variable_weights leave every channel with weight 0")
-    return weights / weights.mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1156,7 +1137,7 @@ def downscaling_training_setup(config: ExperimentConfig) -> TrainingSetup:
         model.network.regression.requires_grad_(False)
     objective = DownscalingObjective(
         area_weights=latitude_weights(model.latitude),
-        channel_weights=channel_weights(channels, training.variable_weights),
+        channel_weights=channels.loss_weights(training.variable_weights),
         edm=model.edm,
         regression_steps=regression_steps,
         channel_names=channels.names,
