@@ -99,18 +99,39 @@ def write_forecast(
 
 
 def open_forecast(path: str | Path) -> xr.Dataset:
-    """Open a forecast Zarr lazily; an analysis store (no lead dim) is viewed as a lead-0, one-member forecast."""
+    """Open a forecast Zarr lazily; an analysis store (no lead dim) is viewed as a lead-0, one-member forecast.
+
+    The dask chunks hold many Zarr chunks (one start time and one lead each on disk): all the leads of one
+    start time, or as many leads as fit in about :data:`~forecasting.data.store.TARGET_CHUNK_BYTES`, so that
+    reading a forecast is a few Zarr calls per start time rather than one dask task per field.
+    """
+    from forecasting.data.store import streaming_chunks
+
     try:
-        ds = xr.open_zarr(path, consolidated=None)
+        ds = xr.open_zarr(path, consolidated=None, chunks=None)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
         raise SourceError(f"cannot open forecast {path}: {exc}") from None
     ds = ds.drop_vars([v for v in ds.data_vars if str(v).endswith("_mask")])
     if LEAD not in ds.dims:
-        ds = analysis_as_forecast(ds[[v for v in ds.data_vars if TIME in ds[v].dims]])
+        ds = analysis_as_forecast(streaming_chunks(ds[[v for v in ds.data_vars if TIME in ds[v].dims]]))
+    else:
+        ds = _forecast_chunks(ds)
     if VALID_TIME not in ds.coords:
         ds = with_valid_time(ds)
     validate_forecast(ds, source=str(path))
     return ds
+
+
+def _forecast_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """Dask chunks for reading a forecast opened without dask: one start time, and all its leads when they
+    fit in about TARGET_CHUNK_BYTES (else as many as fit); whole along the other dims."""
+    from forecasting.data.store import TARGET_CHUNK_BYTES
+
+    per_lead = max((var.nbytes // max(var.sizes[TIME] * var.sizes[LEAD], 1)
+                    for var in ds.data_vars.values() if TIME in var.dims and LEAD in var.dims), default=1)
+    n_lead = ds.sizes[LEAD]
+    leads = max(1, min(n_lead, TARGET_CHUNK_BYTES // max(per_lead, 1)))
+    return ds.chunk({TIME: 1, LEAD: leads})
 
 
 def regrid_forecast(
@@ -395,13 +416,14 @@ def predict(
     absent = [grid for grid, p in paths.items() if p is None]
     if absent:
         raise SchemaError(f"no initial-condition store for grids {absent}: give --store GRID=PATH")
-    initial = {grid: open_store(p) for grid, p in paths.items()}
+    # without dask: each start time's inputs are read as just their own steps
+    initial = {grid: open_store(p, use_dask=False) for grid, p in paths.items()}
     boundary_ds = None
     if getattr(forecaster, "limited_area", False):
         location = boundary or defaults[GLOBAL]
         if location is None:
             raise SchemaError("a limited-area model needs --boundary (an analysis store or a forecast Zarr)")
-        boundary_ds = open_forecast(location) if _is_forecast(location) else open_store(location)
+        boundary_ds = open_forecast(location) if _is_forecast(location) else open_store(location, use_dask=False)
     start_index = forecaster.start_times(initial, starts)
     forecaster.check_initial(initial, start_index)
     with ForecastWriter(

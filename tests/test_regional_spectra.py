@@ -19,7 +19,11 @@ from forecasting.verification.spectra import (
     regional_power_spectrum,
     small_scale_power_ratio,
 )
-from forecasting.verification.verify import verify
+from forecasting.verification.verify import (
+    small_scale_band,
+    truth_resolution_km,
+    verify,
+)
 
 LAT = 45.0 + 1.5 * np.arange(16)  # 16 x 20 points, 1.5 x 2 degrees
 LON = 2.0 * np.arange(20)
@@ -187,3 +191,25 @@ def test_verify_writes_regional_spectra_and_the_small_scale_table_with_several_r
     assert "## Small-scale variance restored" in summary and "| 2m_temperature | ensemble (ensemble mean) |" in summary
     assert "references scored alongside: blurred, shifted" in summary
     assert (result.out_dir / "plots" / "spectra_2m_temperature.png").stat().st_size > 0
+
+
+def test_the_small_scale_band_stops_at_the_shortest_wavelength_the_truth_resolves():
+    wavelengths = np.array([4000.0, 2000.0, 1300.0, 1000.0, 800.0, 650.0, 540.0, 460.0, 400.0])
+    assert small_scale_band(wavelengths) == (400.0, 540.0)  # the finest third of all nine bands
+    assert small_scale_band(wavelengths, 635.0) == (650.0, 800.0)  # the finest third of the six it resolves
+    assert small_scale_band(wavelengths, 5000.0) == (400.0, 540.0)  # resolves none: the grid's bands
+    truth = xr.Dataset(attrs={"spectral_truncation": 63})
+    assert truth_resolution_km(truth) == pytest.approx(2 * np.pi * 6371.0 / 63)  # 635 km
+    assert truth_resolution_km(xr.Dataset()) is None
+    assert truth_resolution_km(xr.Dataset(attrs={"spectral_truncation": "n/a"})) is None
+
+
+def test_verify_compares_small_scales_the_truth_resolves_when_it_names_its_truncation(tmp_path):
+    _, truth = _regional_truth(tmp_path)
+    truth.attrs["spectral_truncation"] = 20  # 2002 km: only the longest bands of this small box are resolved
+    truth_path = write_store(truth, tmp_path / "truncated.zarr")
+    forecast = write_forecast(_as_forecast(truth, [truth["2m_temperature"].values]), tmp_path / "f.zarr", model="f")
+    summary = (verify(forecast, out_dir=tmp_path / "v", truth_path=truth_path, plots=False).out_dir
+               / "summary.md").read_text()
+    assert "resolves wavelengths down to 2002 km" in summary
+    assert "| 2m_temperature | f | 1.000 | 1.000 |" in summary

@@ -105,7 +105,7 @@ def write_store(
         raise StoreError(f"attributes {reserved} for {path} are set by the store writer and cannot be given")
     period = _parse_period(train_period, path=path)
 
-    prepared = _streaming_chunks(ds.drop_encoding())
+    prepared = streaming_chunks(ds.drop_encoding())
     prepared.attrs = {
         **_store_attrs(ds, user_attrs),
         "kind": "gridded",
@@ -214,7 +214,7 @@ def append_store(ds: xr.Dataset, path: str | Path, *, client: distributed.Client
         var = new[name].astype(stored[name].dtype)
         var.attrs = dict(stored[name].attrs)
         new[name] = var
-    new = _streaming_chunks(new)
+    new = streaming_chunks(new)
     new.attrs = {**stored.attrs, "updated": datetime.now(UTC).isoformat(timespec="seconds")}
     start, end = stored.attrs.get("train_period") or (None, None)
     recompute = ds[TIME].sel({TIME: slice(start, end)}).size > 0
@@ -291,8 +291,10 @@ def _steps_per_chunk(ds: xr.Dataset) -> int:
     return max(1, TARGET_CHUNK_BYTES // max(step_bytes, 1))
 
 
-def _streaming_chunks(ds: xr.Dataset) -> xr.Dataset:
-    """Dask chunks of :func:`_steps_per_chunk` steps along time, whole along every other dim."""
+def streaming_chunks(ds: xr.Dataset) -> xr.Dataset:
+    """Dask chunks of :func:`_steps_per_chunk` steps along time, whole along every other dim.
+
+    On a Dataset opened without dask (``chunks=None``) each dask task then reads its steps in one Zarr call."""
     steps = _steps_per_chunk(ds)
     return ds.chunk({dim: (min(steps, size) if dim == TIME else -1) for dim, size in ds.sizes.items()})
 
@@ -456,9 +458,11 @@ def _location(path_or_url: str | Path) -> str:
 def open_store(path_or_url: str | Path, *, use_dask: bool = True) -> xr.Dataset:
     """Open a training store lazily. Local path or URL (``http://``, ``s3://`` ... through fsspec).
 
-    With ``use_dask`` (default) the variables are dask arrays with the store's own chunks (one time step
-    each); with ``use_dask=False`` they are lazily indexed arrays without dask (the torch dataset uses
-    this: a sample then reads only its chunks, with no task overhead).
+    With ``use_dask`` (default) the variables are dask arrays whose chunks hold whole Zarr chunks, about
+    :data:`TARGET_CHUNK_BYTES` of time steps each (one step of a large grid, thousands of a small one): each
+    dask task reads its Zarr chunks in one call, so a pass over a small store is not thousands of
+    millisecond tasks. With ``use_dask=False`` they are lazily indexed arrays without dask (the torch dataset
+    uses this: a sample then reads only its chunks, with no task overhead).
 
     Raises :class:`StoreError` if there is no store, it is not a training store (no
     ``format_version``), or it was written by a newer format version.
@@ -467,9 +471,11 @@ def open_store(path_or_url: str | Path, *, use_dask: bool = True) -> xr.Dataset:
     if "://" not in location and not Path(location).exists():
         raise StoreError(f"no training store at {location}")
     try:
-        ds = xr.open_zarr(location, consolidated=True, chunks={} if use_dask else None)
+        ds = xr.open_zarr(location, consolidated=True, chunks=None)
     except (OSError, KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
         raise StoreError(f"cannot open training store {location}: {exc}") from exc
+    if use_dask:
+        ds = streaming_chunks(ds)
     version = ds.attrs.get("format_version")
     if version is None:
         raise StoreError(f"{location} is a Zarr store but not a training store (no 'format_version' attribute)")

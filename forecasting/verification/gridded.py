@@ -95,7 +95,12 @@ def truth_at_valid_times(truth: xr.Dataset, forecast: xr.Dataset) -> xr.Dataset:
     """
     valid = (forecast[TIME] + forecast[LEAD]).transpose(TIME, LEAD)
     flat = pd.DatetimeIndex(valid.values.ravel())
-    taken = truth.reindex({TIME: flat})
+    positions = truth.get_index(TIME).get_indexer(flat)
+    needed = truth.isel({TIME: np.unique(positions[positions >= 0])})
+    if not any(var.chunks for var in needed.data_vars.values()):
+        # lazily indexed (no dask): one orthogonal Zarr read per variable, of only the steps needed
+        needed = needed.load()
+    taken = needed.reindex({TIME: flat})
     shaped = taken.assign_coords({TIME: np.arange(flat.size)}).coarsen({TIME: valid.shape[1]}).construct(
         {TIME: ("_start", LEAD)}
     )

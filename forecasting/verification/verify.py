@@ -31,7 +31,7 @@ import pandas as pd
 import xarray as xr
 
 from forecasting.errors import SchemaError, SourceError, StoreError
-from forecasting.data.store import store_train_period
+from forecasting.data.store import store_train_period, streaming_chunks
 from forecasting.inference import baseline_forecast, climatology_with_fallback, open_forecast
 from forecasting.schema import LEAD, LEVEL, MEMBER, TIME, VALID_TIME
 from forecasting.verification.gridded import (
@@ -65,12 +65,20 @@ class VerifyResult:
     files: tuple[Path, ...] = field(default_factory=tuple)
 
 
-def open_truth(path: str | Path) -> xr.Dataset:
+def open_truth(path: str | Path, *, use_dask: bool = True) -> xr.Dataset:
+    """The time-dependent fields of a truth store, lazily.
+
+    With ``use_dask`` (for passes over long periods, e.g. a climatology) as dask arrays of about
+    :data:`~forecasting.data.store.TARGET_CHUNK_BYTES` per chunk; without (for picking the truth at given
+    valid times) as lazily indexed arrays, so a selection reads just its own steps in one Zarr call.
+    """
     try:
-        ds = xr.open_zarr(path, consolidated=None)
+        ds = xr.open_zarr(path, consolidated=None, chunks=None)
     except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
         raise SourceError(f"cannot open truth {path}: {exc}") from None
-    return ds[[v for v in ds.data_vars if TIME in ds[v].dims and not str(v).endswith("_mask")]]
+    ds = ds[[v for v in ds.data_vars if TIME in ds[v].dims and not str(v).endswith("_mask")]]
+    # dask chunks of many one-step Zarr chunks: one read per task, not one task per time step
+    return streaming_chunks(ds) if use_dask else ds
 
 
 def _open_observations(path: str | Path) -> xr.Dataset:
@@ -176,7 +184,7 @@ def verify(
 
     forecast = open_forecast(forecast_path)
     name = model_name or str(forecast.attrs.get("model", Path(forecast_path).stem))
-    truth = open_truth(truth_path) if truth_path is not None else None
+    truth = open_truth(truth_path, use_dask=False) if truth_path is not None else None
     observations = _open_observations(observations_path) if observations_path is not None else None
     if truth is not None:
         shared = check_comparable(forecast, truth, source=str(forecast_path), truth_source=str(truth_path))
@@ -194,7 +202,7 @@ def verify(
     train_period = None
     if truth is not None:
         train_period = store_train_period(truth_path)
-        clim_fn = _ClimatologyForecaster(truth, train_period)
+        clim_fn = _ClimatologyForecaster(open_truth(truth_path), train_period)
 
     models: dict[str, xr.Dataset] = {name: forecast}
     ref_name = None
@@ -353,7 +361,7 @@ def _write_outputs(tmp: Path, *, scores, scorecard, grids, station_tables, forec
                             forecast=forecast, truth=truth, observations=observations, model=model)
     (tmp / "summary.md").write_text(
         _summary(scores, scorecard, model=model, reference=reference, files=files, root=tmp, notes=notes,
-                 small_scales=_small_scale_table(spectra)))
+                 small_scales=_small_scale_table(spectra, shortest_km=truth_resolution_km(truth))))
     files.append(tmp / "summary.md")
     return files
 
@@ -389,25 +397,60 @@ def _lead_label(lead) -> str:
     return f"{hours:g} h"
 
 
-def _small_scale_table(spectra: Mapping[str, xr.DataArray]) -> str:
-    """A Markdown table of the power at the finest third of wavenumbers relative to the truth's (2-D DCT spectra
-    of limited-area grids), per variable and model (members and, for ensembles, the ensemble mean) at each lead;
-    empty for zonal spectra or none."""
-    from forecasting.verification.spectra import small_scale_power_ratio
+#: Earth radius (km) behind the wavelength of a spectral truncation.
+EARTH_RADIUS_KM = 6371.0
+
+
+def truth_resolution_km(truth: xr.Dataset | None) -> float | None:
+    """The shortest wavelength (km) the truth resolves when it says so: a truth made by a spectral model
+    truncated at total wavenumber T (attribute ``spectral_truncation``, as the built-in data carries) holds no
+    variance at wavelengths below ``2 pi a / T``, whatever its grid spacing. None when the truth does not say."""
+    value = None if truth is None else truth.attrs.get("spectral_truncation")
+    try:
+        truncation = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return 2.0 * np.pi * EARTH_RADIUS_KM / truncation if truncation and truncation > 0 else None
+
+
+def small_scale_band(wavelengths_km: np.ndarray, shortest_km: float | None = None) -> tuple[float, float]:
+    """The finest third of the resolved bands (shortest, longest wavelength in km): of every band, or, when
+    the truth resolves only wavelengths down to ``shortest_km``, of the bands at or above it."""
+    wavelengths = np.sort(np.asarray(wavelengths_km, dtype=np.float64))
+    if shortest_km is not None and (wavelengths >= shortest_km).any():
+        wavelengths = wavelengths[wavelengths >= shortest_km]
+    finest = wavelengths[: max(1, int(np.ceil(wavelengths.size / 3)))]
+    return float(finest[0]), float(finest[-1])
+
+
+def _small_scale_table(spectra: Mapping[str, xr.DataArray], *, shortest_km: float | None = None) -> str:
+    """A Markdown table of the power at the finest resolved scales (:func:`small_scale_band`) relative to the
+    truth's (2-D DCT spectra of limited-area grids), per variable and model (members and, for ensembles, the
+    ensemble mean) at each lead, under a line naming the band; empty for zonal spectra or none."""
+    from forecasting.verification.spectra import WAVELENGTH, small_scale_power_ratio
 
     regional = {k: a for k, a in spectra.items() if "lat_band" not in a.dims}
     if not regional:
         return ""
     first = next(iter(regional.values()))
     leads = first[LEAD].values
-    lines = ["| variable | model | " + " | ".join(_lead_label(x) for x in leads) + " |", "|" + "---|" * (2 + len(leads))]
+    band = small_scale_band(first[WAVELENGTH].values, shortest_km)
+    if shortest_km is not None and band[0] >= shortest_km:
+        where = (f"The truth is a spectral model's output that resolves wavelengths down to {shortest_km:.0f} km "
+                 f"(its `spectral_truncation`); the finest third of the bands at or above that, {band[0]:.0f}-"
+                 f"{band[1]:.0f} km, are compared.")
+    else:
+        where = f"The finest third of the grid's bands, {band[0]:.0f}-{band[1]:.0f} km, are compared."
+    lines = [where, "", "| variable | model | " + " | ".join(_lead_label(x) for x in leads) + " |",
+             "|" + "---|" * (2 + len(leads))]
     for variable in first[VARIABLE].values:
         truth = first.sel({"source": "truth", VARIABLE: variable})
         for model, spectrum in regional.items():
             for source, label in (("forecast", model), ("ensemble_mean", f"{model} (ensemble mean)")):
                 if source not in spectrum["source"].values:
                     continue
-                ratio = small_scale_power_ratio(spectrum.sel({"source": source, VARIABLE: variable}), truth)
+                ratio = small_scale_power_ratio(spectrum.sel({"source": source, VARIABLE: variable}), truth,
+                                                wavelengths_km=band)
                 cells = " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in ratio.sel({LEAD: leads}).values)
                 lines.append(f"| {variable} | {label} | {cells} |")
     return "\n".join(lines)
@@ -430,9 +473,8 @@ def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None
             if table:
                 lines += ["", f"## {metric} — {region}", "", table]
     if small_scales:
-        explanation = ("Power at the finest third of the resolved wavenumbers relative to the truth's (2-D DCT "
-                       "spectra, Denis et al. 2002; members: their mean spectrum); 1 restores the truth's small-scale "
-                       "variance.")
+        explanation = ("Power at the finest resolved scales relative to the truth's (2-D DCT spectra, Denis et al. "
+                       "2002; members: their mean spectrum); 1 restores the truth's small-scale variance.")
         lines += ["", "## Small-scale variance restored", "", explanation, "", small_scales]
     if scorecard is not None:
         lines += ["", f"## Scorecard: {model} against {reference}", "",
