@@ -2,7 +2,7 @@
 forecasting, cold sampling (Algorithm 2) yields every intermediate lead and chains windows, and end to end on the
 tiny stores of tests/test_forecasters.py: one ``forecast train`` trains the interpolator, then the forecaster with
 the interpolator frozen, lowering both losses; ``forecast predict`` writes distinct, reproducible members;
-checkpoints round-trip; bad settings fail before anything is written."""
+members do not depend on the batching; checkpoints round-trip; bad settings fail before anything is written."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
 from lightning.fabric.utilities.seed import seed_everything
 
 from forecasting.config import ConfigError, ExperimentConfig
@@ -31,6 +32,7 @@ from tests.diffusion_helpers import (
     STARTS,
     assert_checkpoint_of_another_family_is_rejected,
     assert_checkpoint_round_trip_gives_identical_forecasts,
+    assert_members_do_not_depend_on_the_batching,
     assert_predict_writes_distinct_reproducible_members,
     assert_training_is_rejected_before_writing,
     tiny_experiment,
@@ -103,7 +105,7 @@ def _fake(horizon: int, calls: dict[str, int], end_change: float):
         calls["forecaster"] += 1
         return states[:, -1] + end_change
 
-    def interpolate(states, end, i, forcings, static):
+    def interpolate(states, end, i, forcings, static, generators=None):
         calls["interpolator"] += 1
         return states[:, -1] + (i / horizon).view(-1, 1, 1, 1) * (end - states[:, -1])
 
@@ -225,6 +227,16 @@ def test_predict_writes_distinct_reproducible_members(trained, tmp_path):
     assert_predict_writes_distinct_reproducible_members(
         trained["checkpoint"], tmp_path, steps=2 * HORIZON + 1, family="dyffusion", name="tiny-dyffusion"
     )
+
+
+def test_members_do_not_depend_on_the_batching(trained, analysis):
+    """Each sample's interpolator dropout has its own generator: the same members whatever the batches, over
+    two chained windows; and a start forecast alone gets the members it gets among others."""
+    forecaster = DYffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
+    together = assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=HORIZON + 1)
+    alone = forecaster.forecast(analysis[GLOBAL], steps=HORIZON + 1, members=3, starts=STARTS[1:], seed=7)
+    xr.testing.assert_allclose(alone, together.isel({TIME: [1]}), rtol=1e-5)
+    assert float(abs(together.isel({MEMBER: 0}) - together.isel({MEMBER: 1})).to_array().max()) > 0
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):

@@ -43,10 +43,10 @@ losses are measured in tendency-std units, weighted by cell area and channel. Bo
 in hours, and see the ``input_steps`` states ending at ``x_t``, the time forcings of those times, of
 ``t + i`` and of ``t + h``, the static fields and ``sin``/``cos`` of latitude.
 
-Randomness: dropout draws from torch's global generator, seeded for each batch of ``member_batch`` samples
-and pass from ``(seed, the batch's first start time and member, its size, the pass)``; forecasts repeat
-exactly for the same seed and batching (unlike the Gaussian families, a member depends on the batch it was
-drawn in).
+Randomness: when forecasting, each sample's dropout masks come from its own generator, seeded from
+``(seed, start time, member, window)``; so forecasts repeat exactly for the same seed, and a member does not
+depend on the batch it was drawn in (``member_batch``). In training, dropout draws from torch's global
+generator, as usual.
 
 :class:`DYffusion` is the torch side (normalised tensors only); :class:`DYffusionForecaster` the
 :class:`~forecasting.forecasters.Forecaster` (it shares the one-grid plumbing of
@@ -171,15 +171,17 @@ class DYffusion(OneGridNetwork):
             raise ValueError(f"interpolation times must have shape ({batch},); found {tuple(i.shape)}")
         return i * self.step_hours
 
-    def interpolate(self, states: Tensor, end: Tensor, i: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
+    def interpolate(self, states: Tensor, end: Tensor, i: Tensor, forcings: Tensor, static: Tensor,
+                    generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """``I_phi(x_t, x_{t+h}, i)``: the state at ``t + i`` (B, C, H, W) between ``x_t = states[:, -1]`` and
-        ``end`` (B, C, H, W); stochastic while :attr:`interpolator` has dropout active."""
+        ``end`` (B, C, H, W); stochastic while :attr:`interpolator` has dropout active, its masks drawn from
+        ``generators`` (one per sample) when given."""
         batch = end.shape[0]
         hours = self._hours(i, batch)
         start = states[:, -1]
         linear = start + (hours / (self.horizon * self.step_hours)).view(batch, 1, 1, 1) * (end - start)
         inputs = torch.cat([end, self.conditioning(states, forcings, static)], dim=1)
-        return linear + self.interpolator(inputs, lead_time=hours) / self.residual_scale
+        return linear + self.interpolator(inputs, lead_time=hours, generators=generators) / self.residual_scale
 
     def forecast(self, state: Tensor, states: Tensor, i: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
         """``F_theta(x_{t+i}, i)``: the state at ``t + h`` (B, C, H, W) from ``state`` at ``t + i`` (B, C, H, W),
@@ -190,12 +192,14 @@ class DYffusion(OneGridNetwork):
         return state + math.sqrt(self.horizon) * change / self.residual_scale
 
     def cold_sample(
-        self, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor], schedule: Sequence[float]
+        self, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor], schedule: Sequence[float],
+        generators: Sequence[torch.Generator] | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
         """Cold sampling (Algorithm 2) from ``states`` over one horizon on ``schedule`` (:func:`sampling_schedule`).
 
-        ``forcings(i)`` returns the forcings (B, T_in + 2, F, H, W) of interpolation time ``i``. Yields
-        ``(j, s)`` for every whole step ``j = 1 .. h`` in order, ``s`` (B, C, H, W) the state at lead ``j``.
+        ``forcings(i)`` returns the forcings (B, T_in + 2, F, H, W) of interpolation time ``i``; ``generators``
+        (one per sample) draw the interpolator's dropout masks. Yields ``(j, s)`` for every whole step
+        ``j = 1 .. h`` in order, ``s`` (B, C, H, W) the state at lead ``j``.
         """
         increasing = all(a < b for a, b in itertools.pairwise(schedule))
         if not schedule or schedule[0] != 0 or not increasing or schedule[-1] >= self.horizon:
@@ -211,9 +215,9 @@ class DYffusion(OneGridNetwork):
         for i_n, i_next in itertools.pairwise(times):
             estimate = self.forecast(s, states, full(i_n), forcings(i_n), static)  # x^_{t+h}
             ahead = estimate if i_next == self.horizon else self.interpolate(
-                states, estimate, full(i_next), forcings(i_next), static
+                states, estimate, full(i_next), forcings(i_next), static, generators=generators
             )
-            here = start if i_n == 0 else self.interpolate(states, estimate, full(i_n), forcings(i_n), static)
+            here = start if i_n == 0 else self.interpolate(states, estimate, full(i_n), forcings(i_n), static, generators=generators)
             s = s - here + ahead
             if float(i_next).is_integer():
                 yield int(i_next), s
@@ -349,18 +353,20 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                 return cache[i]
 
             leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
-            for rows in groups:
-                first = rows.start
-                dropout_seed = _dropout_seed(
-                    seed, starts[first // members], first % members, rows.stop - rows.start, window
+            # one dropout generator per sample, seeded from (seed, start, member, window): members do not
+            # depend on how the samples are batched
+            generators = [
+                torch.Generator(device=device).manual_seed(
+                    _dropout_seed(seed, starts[row // members], row % members, window)
                 )
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(dropout_seed)
-                    for j, state in self.model.cold_sample(
-                        states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
-                        lambda i, rows=rows: window_forcings(i)[rows], self.schedule,
-                    ):
-                        leads[j - 1].append(state)
+                for row in range(states.shape[0])
+            ]
+            for rows in groups:
+                for j, state in self.model.cold_sample(
+                    states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
+                    lambda i, rows=rows: window_forcings(i)[rows], self.schedule, generators[rows],
+                ):
+                    leads[j - 1].append(state)
             path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
             states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
             for j in range(horizon):
@@ -370,10 +376,10 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                 yield lead, path[:, j]
 
 
-def _dropout_seed(seed: int, start: pd.Timestamp, member: int, size: int, window: int) -> int:
-    """A 63-bit seed of the dropout of one batch of samples (first start and member, size) in one pass."""
+def _dropout_seed(seed: int, start: pd.Timestamp, member: int, window: int) -> int:
+    """A 63-bit seed of the interpolator dropout of one sample (start time, member) in one window."""
     ns = int(pd.Timestamp(start).value)
-    entropy = [seed, ns & 0xFFFFFFFF, (ns >> 32) & 0xFFFFFFFF, member, size, window]
+    entropy = [seed, ns & 0xFFFFFFFF, (ns >> 32) & 0xFFFFFFFF, member, window]
     state = np.random.SeedSequence(entropy).generate_state(2)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
 

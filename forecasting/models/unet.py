@@ -95,12 +95,25 @@ class ResidualBlock(nn.Module):
         self.dropout = dropout
         self.skip = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, embedding: Tensor, *, dropout_active: bool) -> Tensor:
+    def forward(self, x: Tensor, embedding: Tensor, *, dropout_active: bool,
+                generators: Sequence[torch.Generator] | None = None) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(embedding)[:, :, None, None].chunk(2, dim=1)  # (B, C_out, 1, 1) each
         h = F.silu(self.norm2(h) * (1 + scale) + shift)
-        h = F.dropout(h, p=self.dropout, training=dropout_active)
+        if generators is not None and dropout_active and self.dropout > 0:
+            h = h * _dropout_mask(h, self.dropout, generators)
+        else:
+            h = F.dropout(h, p=self.dropout, training=dropout_active)
         return self.skip(x) + self.conv2(h)
+
+
+def _dropout_mask(h: Tensor, p: float, generators: Sequence[torch.Generator]) -> Tensor:
+    """Inverted-dropout mask of ``h`` (B, ...), sample ``b`` drawn from ``generators[b]`` alone, so a sample's
+    mask does not depend on the other samples of its batch."""
+    if len(generators) != h.shape[0]:
+        raise ValueError(f"one dropout generator per sample is needed: {h.shape[0]} samples, {len(generators)} generators")
+    keep = torch.stack([torch.rand(h.shape[1:], generator=g, device=h.device) >= p for g in generators])
+    return keep.to(h.dtype) / (1.0 - p)
 
 
 class UNet(nn.Module):
@@ -182,9 +195,11 @@ class UNet(nn.Module):
         self.out_conv = GridConv(channels, out_channels, periodic_lon=periodic_lon)
         self.embedding_dim = embedding_dim
 
-    def forward(self, x: Tensor, *, noise: Tensor | None = None, lead_time: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, noise: Tensor | None = None, lead_time: Tensor | None = None,
+                generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """``x`` (B, in_channels, H, W); ``noise`` (B,) ``c_noise`` values, ``lead_time`` (B,) hours, each required
-        when listed in ``conditions`` and refused otherwise. Returns (B, out_channels, H, W)."""
+        when listed in ``conditions`` and refused otherwise. ``generators``: one per sample, for active dropout
+        whose masks must not depend on the batch (else torch's global generator). Returns (B, out_channels, H, W)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet input must have shape (B, {self.in_channels}, H, W); found {tuple(x.shape)}")
         batch, _, height, width = x.shape
@@ -213,16 +228,16 @@ class UNet(nn.Module):
         skips = []
         for level, blocks in enumerate(self.down):
             for block in blocks:
-                h = block(h, embedding, dropout_active=active)
+                h = block(h, embedding, dropout_active=active, generators=generators)
             skips.append(h)
             if level < self.levels - 1:
                 h = F.avg_pool2d(h, 2)
         for block in self.middle:
-            h = block(h, embedding, dropout_active=active)
+            h = block(h, embedding, dropout_active=active, generators=generators)
         for i, blocks in enumerate(self.up):
             h = torch.cat([h, skips.pop()], dim=1)
             for block in blocks:
-                h = block(h, embedding, dropout_active=active)
+                h = block(h, embedding, dropout_active=active, generators=generators)
             if i < self.levels - 1:
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         h = self.out_conv(F.silu(self.out_norm(h)))
