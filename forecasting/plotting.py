@@ -180,18 +180,20 @@ def plot_spread_skill(
 
 
 def plot_spectra(
-    spectra: xr.DataArray, path: str | os.PathLike, *, title: str, truth_label: str = "truth"
+    spectra: xr.DataArray, path: str | os.PathLike, *, title: str, truth_label: str = "truth",
+    xlabel: str = "zonal wavenumber",
 ) -> Path:
-    """Plot power spectra against zonal wavenumber on log-log axes; write them to ``path`` (PNG).
+    """Plot power spectra against wavenumber on log-log axes; write them to ``path`` (PNG).
 
     spectra: Shape (wavenumber,), optionally ``model`` (one line each; the one labelled ``truth_label``
         thick black) and ``lat_band`` (one panel each). ``attrs["units"]`` (the power's units, e.g.
         ``K**2``) is required; ``spectra.name`` names the variable. Non-positive wavenumbers and powers
         are left out (log axes). A coordinate ``wavelength_km`` along ``wavenumber`` (optionally also along
-        ``lat_band``) adds a wavelength axis on top.
+        ``lat_band``) adds a wavelength axis on top. ``xlabel`` names the wavenumber axis (e.g. the bands of
+        a 2-D DCT on a limited-area grid rather than zonal wavenumbers).
     Returns ``Path(path)``.
     """
-    fig = _figure_spectra(spectra, title=title, truth_label=truth_label)
+    fig = _figure_spectra(spectra, title=title, truth_label=truth_label, xlabel=xlabel)
     return _save(fig, path)
 
 
@@ -740,7 +742,7 @@ def _figure_rank_histogram(ranks: xr.DataArray, *, title: str) -> Figure:
     return fig
 
 
-def _figure_spectra(spectra: xr.DataArray, *, title: str, truth_label: str) -> Figure:
+def _figure_spectra(spectra: xr.DataArray, *, title: str, truth_label: str, xlabel: str = "zonal wavenumber") -> Figure:
     """Build the figure of :func:`plot_spectra`; see there for the arguments."""
     if not isinstance(spectra, xr.DataArray):
         raise SchemaError(f"plot_spectra: spectra must be an xarray.DataArray; found {type(spectra).__name__}")
@@ -770,7 +772,7 @@ def _figure_spectra(spectra: xr.DataArray, *, title: str, truth_label: str) -> F
                 model_index += 1
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("zonal wavenumber")
+        ax.set_xlabel(xlabel)
         ax.grid(True, which="both", linewidth=0.3, alpha=0.5)
         if band is not None:
             ax.set_title(f"latitude band: {band}", fontsize=10)

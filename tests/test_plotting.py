@@ -428,6 +428,9 @@ def test_spectra_are_log_log_with_wavelength_axis(tmp_path):
     assert "power spectral density of geopotential (m⁴ s⁻⁴)" in text
     assert "wavelength (km)" in text and "latitude band: tropics" in text and "Z500 zonal spectra" in text
     _assert_png(plotting.plot_spectra(spectra, tmp_path / "spectra.png", title="Z500"), fig.get_size_inches())
+    assert "zonal wavenumber" in text
+    regional = plotting._figure_spectra(spectra, title="DCT", truth_label="truth", xlabel="2-D DCT wavenumber band")
+    assert "2-D DCT wavenumber band" in _texts(regional) and "zonal wavenumber" not in _texts(regional)
 
 
 def test_spectra_without_units_are_rejected(tmp_path):

@@ -120,8 +120,10 @@ def _spectra_plots(folder: Path, spectra: dict[str, xr.DataArray], *, forecast: 
         data.name = variable
         hours = pd.Timedelta(last_lead) / pd.Timedelta(hours=1)
         path = folder / f"spectra_{_safe(variable)}.png"
-        kind = "Zonal power spectra" if "lat_band" in first.dims else "2-D DCT spectra (members: mean)"
-        files.append(plotting.plot_spectra(data, path, title=f"{kind} of {variable} at lead {hours:g} h"))
+        zonal = "lat_band" in first.dims
+        kind = "Zonal power spectra" if zonal else "2-D DCT spectra (members: mean)"
+        files.append(plotting.plot_spectra(data, path, title=f"{kind} of {variable} at lead {hours:g} h",
+                                           xlabel="zonal wavenumber" if zonal else "2-D DCT wavenumber band"))
     return files
 
 
