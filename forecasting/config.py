@@ -374,7 +374,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
         return self
 
 
-class DownscalingModelConfig(StrictModel):
+class DownscalingModelConfig(EDMSamplingConfig, UNetSizesConfig):
     """Regional downscaling (forecasting.downscaling): a regression U-Net plus a residual diffusion model
     (CorrDiff, Mardani et al. 2024), from a coarse field to the fine regional field.
 
@@ -387,30 +387,15 @@ class DownscalingModelConfig(StrictModel):
     :class:`~forecasting.models.UNet` share the sizes ``base_channels``, ``channel_mult``, ``blocks_per_level``,
     ``embedding_dim`` and ``dropout``. EDM constants (None: the paper's, forecasting.diffusion.edm.EDMConfig) and
     sampling (``sampler``, ``sampling_steps``, ``churn``, ``s_noise``, ``s_tmin``, ``s_tmax``) as for the
-    diffusion family; ``member_batch`` samples go through the network at once.
+    diffusion family (:class:`UNetSizesConfig`, :class:`EDMSamplingConfig`); ``member_batch`` samples go through
+    the network at once.
     """
 
     family: Literal["downscaling"] = "downscaling"
     stage: Literal["regression", "diffusion", "both"] = "both"
     regression_steps: int | None = Field(None, ge=1)
     regression_checkpoint: str | None = None
-    base_channels: int = Field(32, ge=1)
-    channel_mult: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 2], min_length=1, max_length=6)
-    blocks_per_level: int = Field(1, ge=1)
-    embedding_dim: int = Field(64, ge=2)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    sigma_data: float | None = Field(None, gt=0)
-    sigma_min: float | None = Field(None, gt=0)
-    sigma_max: float | None = Field(None, gt=0)
-    rho: float | None = Field(None, gt=0)
-    p_mean: float | None = None
-    p_std: float | None = Field(None, gt=0)
-    sampler: Literal["euler", "heun", "dpmpp_2m"] = "heun"
     sampling_steps: int = Field(18, ge=1)
-    churn: float = Field(0.0, ge=0)
-    s_noise: float = Field(1.0, ge=0)
-    s_tmin: float = Field(0.0, ge=0)
-    s_tmax: float | None = Field(None, gt=0)
     member_batch: int = Field(16, ge=1)
 
     @model_validator(mode="after")
@@ -421,18 +406,7 @@ class DownscalingModelConfig(StrictModel):
             raise ValueError(f"regression_checkpoint is only used by stage 'diffusion'; the stage is {self.stage!r}")
         if self.stage != "both" and self.regression_steps is not None:
             raise ValueError(f"regression_steps is only used by stage 'both'; the stage is {self.stage!r}")
-        if self.embedding_dim % 2:
-            raise ValueError(f"embedding_dim must be even; found {self.embedding_dim}")
-        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
-        if self.s_tmax is not None and self.s_tmin > self.s_tmax:
-            raise ValueError(f"s_tmin ({self.s_tmin}) must not exceed s_tmax ({self.s_tmax})")
         return self
-
-    def edm_settings(self) -> dict[str, float]:
-        """The EDM constants set in the config (the rest keep the paper's values)."""
-        names = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
-        return {name: float(getattr(self, name)) for name in names if getattr(self, name) is not None}
 
 
 #: The model families, picked by the ``family`` key (see forecasting.forecasters.FAMILIES; ``downscaling`` is

@@ -631,13 +631,7 @@ class DownscalingModel:
             periodic_lon=_goes_round(self.longitude, spacing),
             with_denoiser=model_config.stage != "regression",
             sigma_data=self.edm.sigma_data,
-            unet={
-                "base_channels": model_config.base_channels,
-                "channel_mult": tuple(model_config.channel_mult),
-                "blocks_per_level": model_config.blocks_per_level,
-                "embedding_dim": model_config.embedding_dim,
-                "dropout": model_config.dropout,
-            },
+            unet=model_config.unet_sizes(),
         )
 
     @property
