@@ -17,13 +17,11 @@ from forecasting.verification.spectra import (
     EARTH_RADIUS_KM,
     regional_band_count,
     regional_power_spectrum,
-    small_scale_power_ratio,
-)
-from forecasting.verification.verify import (
     small_scale_band,
+    small_scale_power_ratio,
     truth_resolution_km,
-    verify,
 )
+from forecasting.verification.verify import verify
 
 LAT = 45.0 + 1.5 * np.arange(16)  # 16 x 20 points, 1.5 x 2 degrees
 LON = 2.0 * np.arange(20)

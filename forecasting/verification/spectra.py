@@ -337,3 +337,25 @@ def _regular_spacing(axis: np.ndarray, *, name: str, field_name: object) -> floa
             f"found steps {np.unique(np.round(steps, 6))[:5].tolist()}"
         )
     return step
+
+
+def truth_resolution_km(truth: xr.Dataset | None) -> float | None:
+    """The shortest wavelength (km) the truth resolves when it says so: a truth made by a spectral model
+    truncated at total wavenumber T (attribute ``spectral_truncation``, as the built-in data carries) holds no
+    variance at wavelengths below ``2 pi a / T``, whatever its grid spacing. None when the truth does not say."""
+    value = None if truth is None else truth.attrs.get("spectral_truncation")
+    try:
+        truncation = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return 2.0 * np.pi * EARTH_RADIUS_KM / truncation if truncation and truncation > 0 else None
+
+
+def small_scale_band(wavelengths_km: np.ndarray, shortest_km: float | None = None) -> tuple[float, float]:
+    """The finest third of the resolved bands (shortest, longest wavelength in km): of every band, or, when
+    the truth resolves only wavelengths down to ``shortest_km``, of the bands at or above it."""
+    wavelengths = np.sort(np.asarray(wavelengths_km, dtype=np.float64))
+    if shortest_km is not None and (wavelengths >= shortest_km).any():
+        wavelengths = wavelengths[wavelengths >= shortest_km]
+    finest = wavelengths[: max(1, int(np.ceil(wavelengths.size / 3)))]
+    return float(finest[0]), float(finest[-1])

@@ -30,10 +30,15 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from forecasting.errors import SchemaError, SourceError, StoreError
 from forecasting.data.store import store_train_period, streaming_chunks
-from forecasting.inference import baseline_forecast, climatology_with_fallback, open_forecast
+from forecasting.errors import SchemaError, SourceError, StoreError
+from forecasting.inference import (
+    baseline_forecast,
+    climatology_with_fallback,
+    open_forecast,
+)
 from forecasting.schema import LEAD, LEVEL, MEMBER, TIME, VALID_TIME
+from forecasting.verification.baselines import climatology_forecast
 from forecasting.verification.gridded import (
     GRIDDED_METRICS,
     METRIC,
@@ -44,8 +49,13 @@ from forecasting.verification.gridded import (
     is_global,
     verify_grid,
 )
-from forecasting.verification.baselines import climatology_forecast
-from forecasting.verification.scorecard import SCORECARD_STATISTICS, build_scorecard, scorecard_markdown, scorecard_to_frame
+from forecasting.verification.scorecard import (
+    SCORECARD_STATISTICS,
+    build_scorecard,
+    scorecard_markdown,
+    scorecard_to_frame,
+)
+from forecasting.verification.spectra import truth_resolution_km
 from forecasting.verification.stations import verify_stations
 
 MODEL = "model"
@@ -82,7 +92,11 @@ def open_truth(path: str | Path, *, use_dask: bool = True) -> xr.Dataset:
 
 
 def _open_observations(path: str | Path) -> xr.Dataset:
-    from forecasting.data.observations import observations_to_dataset, quality_control, read_observations
+    from forecasting.data.observations import (
+        observations_to_dataset,
+        quality_control,
+        read_observations,
+    )
 
     p = Path(path)
     if p.suffix == ".zarr" and p.is_dir():
@@ -397,37 +411,15 @@ def _lead_label(lead) -> str:
     return f"{hours:g} h"
 
 
-#: Earth radius (km) behind the wavelength of a spectral truncation.
-EARTH_RADIUS_KM = 6371.0
-
-
-def truth_resolution_km(truth: xr.Dataset | None) -> float | None:
-    """The shortest wavelength (km) the truth resolves when it says so: a truth made by a spectral model
-    truncated at total wavenumber T (attribute ``spectral_truncation``, as the built-in data carries) holds no
-    variance at wavelengths below ``2 pi a / T``, whatever its grid spacing. None when the truth does not say."""
-    value = None if truth is None else truth.attrs.get("spectral_truncation")
-    try:
-        truncation = float(value) if value is not None else None
-    except (TypeError, ValueError):
-        return None
-    return 2.0 * np.pi * EARTH_RADIUS_KM / truncation if truncation and truncation > 0 else None
-
-
-def small_scale_band(wavelengths_km: np.ndarray, shortest_km: float | None = None) -> tuple[float, float]:
-    """The finest third of the resolved bands (shortest, longest wavelength in km): of every band, or, when
-    the truth resolves only wavelengths down to ``shortest_km``, of the bands at or above it."""
-    wavelengths = np.sort(np.asarray(wavelengths_km, dtype=np.float64))
-    if shortest_km is not None and (wavelengths >= shortest_km).any():
-        wavelengths = wavelengths[wavelengths >= shortest_km]
-    finest = wavelengths[: max(1, int(np.ceil(wavelengths.size / 3)))]
-    return float(finest[0]), float(finest[-1])
-
-
 def _small_scale_table(spectra: Mapping[str, xr.DataArray], *, shortest_km: float | None = None) -> str:
     """A Markdown table of the power at the finest resolved scales (:func:`small_scale_band`) relative to the
     truth's (2-D DCT spectra of limited-area grids), per variable and model (members and, for ensembles, the
     ensemble mean) at each lead, under a line naming the band; empty for zonal spectra or none."""
-    from forecasting.verification.spectra import WAVELENGTH, small_scale_power_ratio
+    from forecasting.verification.spectra import (
+        WAVELENGTH,
+        small_scale_band,
+        small_scale_power_ratio,
+    )
 
     regional = {k: a for k, a in spectra.items() if "lat_band" not in a.dims}
     if not regional:
