@@ -436,7 +436,9 @@ class TrainingConfig(StrictModel):
     sample are drawn for the fair CRPS of a probabilistic model. ``precision`` ``auto`` is ``bf16-mixed`` on
     a GPU and ``32-true`` on the CPU. ``out_dir`` defaults to ``runs/<name>``. ``num_threads`` sets torch's
     CPU threads (None: torch's default, one per core); on a small shared machine 1 is often several times
-    faster than 2, because two threads contending with other processes wait on each other.
+    faster than 2, because two threads contending with other processes wait on each other. ``init_from``: a
+    model checkpoint (``model.pt``) of the same family and network whose weights start the run, for
+    fine-tuning (e.g. longer rollouts) or transfer to other data; optimiser and schedule start afresh.
     """
 
     train_period: Period = (None, None)
@@ -466,6 +468,7 @@ class TrainingConfig(StrictModel):
     checkpoint_every: int = Field(100, ge=1)
     log_every: int = Field(10, ge=1)
     out_dir: str | None = None
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _valid(self) -> TrainingConfig:

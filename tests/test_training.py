@@ -165,6 +165,28 @@ def test_resume_continues_exactly(stores, tmp_path):
         assert torch.equal(a.state_dict[name], b.state_dict[name]), name
 
 
+def test_init_from_starts_from_a_checkpoints_weights(stores, tmp_path):
+    """training.init_from loads a trained model's weights (here then barely moved by a tiny learning rate);
+    a network of other sizes or a missing file is refused before the run directory is made."""
+    base = train(graph_config(stores, training={"max_steps": 2, "batch_size": 2, "val_every": 1, "val_batches": 1}),
+                 out_dir=tmp_path / "base", progress=False)
+    tune = {"max_steps": 1, "batch_size": 2, "val_every": 1, "val_batches": 1, "learning_rate": 1e-12,
+            "warmup_steps": 0, "rollout": [{"at_step": 0, "steps": 2}]}
+    tuned = train(graph_config(stores, training={**tune, "init_from": str(base.checkpoint)}),
+                  out_dir=tmp_path / "tuned", progress=False)
+    fresh = train(graph_config(stores, training=tune), out_dir=tmp_path / "fresh", progress=False)
+    a, b, c = (load_checkpoint(r.checkpoint).state_dict for r in (base, tuned, fresh))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    wider = graph_config(stores, model={"hidden": 24}, training={**tune, "init_from": str(base.checkpoint)})
+    with pytest.raises(ConfigError, match=r"training.init_from .*model.pt: its network does not match .*other shapes"):
+        train(wider, out_dir=tmp_path / "wider", progress=False)
+    missing = graph_config(stores, training={**tune, "init_from": str(tmp_path / "nope.pt")})
+    with pytest.raises(ConfigError, match=r"nope.pt does not exist"):
+        train(missing, out_dir=tmp_path / "missing", progress=False)
+    assert not (tmp_path / "wider").exists() and not (tmp_path / "missing").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: clear errors, no run directory
 # ----------------------------------------------------------------------------------------------

@@ -147,6 +147,34 @@ TRAINABLE: dict[str, Callable[[ExperimentConfig], TrainingSetup]] = {
 }
 
 
+def _initialise_weights(model: torch.nn.Module, path: str, *, family: str) -> None:
+    """Load the weights of the model checkpoint ``path`` (``training.init_from``) into ``model``.
+
+    The checkpoint must be of ``family`` and hold exactly the parameters of ``model`` with the same shapes
+    (the network sizes of the config); otherwise ConfigError/SourceError name the file and what differs.
+    Graph networks share their weights across nodes, so a checkpoint trained on another mesh or grid loads.
+    """
+    from forecasting.training.checkpoint import load_checkpoint
+
+    where = f"training.init_from {path}"
+    if not Path(path).is_file():
+        raise ConfigError(f"{where} does not exist (a model checkpoint, e.g. runs/NAME/model.pt, is expected)")
+    checkpoint = load_checkpoint(path, family=family)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(checkpoint.state_dict))
+    unexpected = sorted(set(checkpoint.state_dict) - set(own))
+    reshaped = sorted(k for k in set(own) & set(checkpoint.state_dict)
+                      if tuple(own[k].shape) != tuple(checkpoint.state_dict[k].shape))
+    if missing or unexpected or reshaped:
+        details = "; ".join(f"{what}: {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in
+                            (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if names)
+        raise ConfigError(
+            f"{where}: its network does not match the config's model section ({details}); "
+            "fine-tune with the model settings the checkpoint was trained with"
+        )
+    model.load_state_dict(checkpoint.state_dict)
+
+
 def _precision(training: TrainingConfig) -> str:
     if training.precision != "auto":
         return training.precision
@@ -227,6 +255,8 @@ def train(
     if training.num_threads is not None:
         torch.set_num_threads(training.num_threads)
     setup = TRAINABLE[family](config)
+    if training.init_from is not None and not resume:  # a resumed run restores its own weights
+        _initialise_weights(setup.model, training.init_from, family=family)
 
     if manager and not resume:
         if out.exists():
