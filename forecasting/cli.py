@@ -130,15 +130,26 @@ def _cmd_baseline(args: argparse.Namespace) -> None:
         raise ForecastingError(f"forecast {out} already exists; pass --overwrite to replace it")
     if args.steps < 1 or args.step_hours <= 0:
         raise ForecastingError(f"--steps must be >= 1 and --step-hours > 0; got {args.steps}, {args.step_hours}")
+    perfect = args.kind == "perfect-model"
+    if args.members < 1 or (args.members > 1 and not perfect):
+        raise ForecastingError(f"--members {args.members}: only the perfect-model baseline has members (>= 1)")
+    if perfect and args.step_hours != 6:
+        raise ForecastingError(f"--step-hours {args.step_hours}: the perfect-model baseline runs at the simulation's 6 h")
     truth = open_truth(args.truth)
     starts = _start_times(args)
     leads = pd.to_timedelta([args.step_hours * (i + 1) for i in range(args.steps)], unit="h")
     period = tuple(args.climatology_period) if args.climatology_period else None
-    forecast = baseline_forecast(truth, kind=args.kind, init_times=starts, leads=leads, climatology_period=period)
+    if perfect:
+        from forecasting.verification.baselines import perfect_model_forecast
+
+        forecast = perfect_model_forecast(truth, init_times=starts, steps=args.steps, members=args.members,
+                                          source=str(args.truth))
+    else:
+        forecast = baseline_forecast(truth, kind=args.kind, init_times=starts, leads=leads, climatology_period=period)
     write_forecast(forecast, out, model=args.kind, overwrite=args.overwrite,
-                   config={"kind": args.kind, "truth": str(args.truth), "steps": args.steps,
+                   config={"kind": args.kind, "truth": str(args.truth), "steps": args.steps, "members": args.members,
                            "step_hours": args.step_hours, "climatology_period": period})
-    print(f"wrote {args.kind} forecast {out}: {len(starts)} start times x {args.steps} leads")
+    print(f"wrote {args.kind} forecast {out}: {len(starts)} start times x {args.steps} leads x {args.members} member(s)")
 
 
 def _cmd_verify(args: argparse.Namespace) -> None:
@@ -461,17 +472,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "baseline",
-        help="write persistence or climatology forecasts from an analysis store",
-        description="Persistence (the analysis at the start time, for every lead) or climatology (a smoothed "
-        "day-of-year and time-of-day mean of the analysis) forecasts in the forecast layout, as Zarr.",
+        help="write persistence, climatology or perfect-model forecasts from an analysis store",
+        description="Persistence (the analysis at the start time, for every lead), climatology (a smoothed "
+        "day-of-year and time-of-day mean of the analysis) or, for a store of the built-in data, the "
+        "perfect model (the simulator itself restarted from the true state, members differing only in the "
+        "future stirring the data do not carry: the skill no forecaster of the data can beat) forecasts in "
+        "the forecast layout, as Zarr.",
     )
-    p.add_argument("kind", choices=["persistence", "climatology"])
+    p.add_argument("kind", choices=["persistence", "climatology", "perfect-model"])
     p.add_argument("--truth", required=True, help="analysis store the baseline is made from")
     p.add_argument("--out", required=True, help="output forecast Zarr")
     p.add_argument("--start", action="append", metavar="TIME", help="a start time (repeatable)")
     p.add_argument("--starts", nargs=3, metavar=("FROM", "TO", "EVERY"), help="start times FROM..TO every EVERY (e.g. 24h)")
     p.add_argument("--steps", type=int, default=20, help="number of leads (default %(default)s)")
     p.add_argument("--step-hours", type=float, default=6, help="hours between leads (default %(default)s)")
+    p.add_argument("--members", type=int, default=1, help="perfect-model members (default %(default)s)")
     p.add_argument("--climatology-period", nargs=2, metavar=("FROM", "TO"),
                    help="period the climatology is computed over (default: the store's training period, else all)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")

@@ -347,3 +347,79 @@ def test_coarsen_centres_coarse_cells_on_their_longitudes():
     expected = np.sin(np.deg2rad(coarse["longitude"].values)) * float(coarse["sin_lon"].sel(longitude=90.0).mean())
     np.testing.assert_allclose(coarse["sin_lon"].values, np.broadcast_to(expected, (32, 64)), atol=1e-6)
     np.testing.assert_allclose(coarse["constant"].values, 3.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Perfect-model forecasts
+# ----------------------------------------------------------------------------------------------
+def test_perfect_model_without_stirring_is_the_truth():
+    """Without the stirring nothing is unknown: every member is the simulation itself, on both grids."""
+    settings = dataclasses.replace(SMALL, stirring_rate=0.0, years=3 / 365.25)
+    truth = sim.simulate(settings)
+    starts = pd.DatetimeIndex(truth.coarse.time.values[[1, 4]])
+    for grid, stored in (("global", truth.coarse), ("regional", truth.fine_regional)):
+        forecast, at_starts = sim.perfect_model_forecast(settings, init_times=starts, steps=3, members=2, grid=grid)
+        assert forecast.sizes["realization"] == 2 and forecast.sizes["prediction_timedelta"] == 3
+        for name in ("geopotential", "u_component_of_wind", "2m_temperature"):
+            np.testing.assert_allclose(at_starts[name].values, stored[name].sel(time=starts).values, rtol=1e-6)
+            for m in range(2):
+                member = forecast[name].isel(realization=m)
+                expected = stored[name].sel(time=member.valid_time.values.ravel()).values.reshape(member.shape)
+                np.testing.assert_allclose(member.values, expected, rtol=1e-5, atol=1e-5)
+        assert np.array_equal(forecast.latitude.values, stored.latitude.values)
+
+
+def test_perfect_model_members_differ_by_their_future_stirring(small):
+    starts = pd.DatetimeIndex(small.coarse.time.values[[2]])
+    forecast, at_starts = sim.perfect_model_forecast(SMALL, init_times=starts, steps=8, members=3, grid="global")
+    z = forecast["geopotential"].isel(time=0, level=0)
+    spread = z.std("realization").mean(["latitude", "longitude"]).values
+    assert spread[0] > 0 and spread[-1] > 3 * spread[0], spread
+    np.testing.assert_allclose(at_starts["geopotential"].values, small.coarse["geopotential"].sel(time=starts).values,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="not output times"):
+        sim.perfect_model_forecast(SMALL, init_times=starts + pd.Timedelta("1h"), steps=1, members=1, grid="global")
+    with pytest.raises(ValueError, match="grid must be"):
+        sim.perfect_model_forecast(SMALL, init_times=starts, steps=1, members=1, grid="europe")
+
+
+def test_settings_round_trip_through_json():
+    settings = dataclasses.replace(SMALL, eddy_relaxation_days=math.inf, region=sim.Region(40.0, 60.0, 5.0, 30.0))
+    assert sim.SimulationSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
+    with pytest.raises(ValueError, match=r"unknown simulation settings \['colour'\]"):
+        sim.SimulationSettings.from_dict({**settings.to_dict(), "colour": "blue"})
+
+
+def test_perfect_model_baseline_from_a_store_and_its_bad_input(small, tmp_path):
+    from forecasting.cli import main
+    from forecasting.errors import SchemaError
+    from forecasting.verification.baselines import perfect_model_forecast
+
+    store = tmp_path / "regional.zarr"
+    small.fine_regional.to_zarr(store)
+    starts = [str(t) for t in small.fine_regional.time.values[[1, 3]]]
+    out = tmp_path / "perfect.zarr"
+    assert main(["baseline", "perfect-model", "--truth", str(store), "--start", starts[0], "--start", starts[1],
+                 "--steps", "2", "--members", "2", "--out", str(out)]) == 0
+    written = xr.open_zarr(out)
+    assert written.sizes["realization"] == 2 and written.attrs["model"] == "perfect-model"
+    direct, _ = sim.perfect_model_forecast(SMALL, init_times=pd.DatetimeIndex(starts), steps=2, members=2,
+                                           grid="regional")
+    np.testing.assert_array_equal(written["2m_temperature"].values, direct["2m_temperature"].values)
+
+    # bad input: clear errors, nothing written
+    assert main(["baseline", "persistence", "--truth", str(store), "--start", starts[0], "--members", "2",
+                 "--out", str(tmp_path / "p.zarr")]) == 2
+    assert main(["baseline", "perfect-model", "--truth", str(store), "--start", starts[0], "--step-hours", "12",
+                 "--out", str(tmp_path / "p.zarr")]) == 2
+    assert not (tmp_path / "p.zarr").exists()
+    unmarked = small.coarse.copy()
+    unmarked.attrs = {}
+    with pytest.raises(SchemaError, match="no 'settings_json' attribute"):
+        perfect_model_forecast(unmarked, init_times=starts, steps=1, members=1, source="unmarked.zarr")
+    with pytest.raises(SchemaError, match="neither the coarse global nor the regional grid"):
+        perfect_model_forecast(small.coarse.isel(latitude=slice(1, None)), init_times=starts, steps=1, members=1)
+    other = small.coarse.copy()
+    other["geopotential"] = other["geopotential"] + 500.0
+    with pytest.raises(SchemaError, match="geopotential at the start times differs from the re-run simulation"):
+        perfect_model_forecast(other, init_times=starts, steps=1, members=1, source="other.zarr")

@@ -339,6 +339,25 @@ class SimulationSettings:
         """JSON-friendly dict (non-finite floats as strings)."""
         return _jsonable(dataclasses.asdict(self))
 
+    @classmethod
+    def from_dict(cls, values: dict) -> SimulationSettings:
+        """The inverse of :meth:`to_dict` (e.g. a store's ``settings_json`` attribute); unknown keys raise
+        ValueError naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown simulation settings {unknown}")
+        kwargs = {}
+        for name, value in values.items():
+            if name == "region":
+                value = Region(**value)
+            elif name == "stirring_degrees":
+                value = tuple(value)
+            elif isinstance(value, str) and value in ("inf", "-inf", "nan"):
+                value = float(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
 
 @dataclass(frozen=True)
 class SimulationResult:
@@ -1355,3 +1374,112 @@ def twin_error_growth(
             "settings_json": json.dumps(settings.to_dict(), sort_keys=True),
         },
     )
+
+
+def output_grid(settings: SimulationSettings, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """Latitudes and longitudes of the ``global`` (coarse) or ``regional`` (fine box) grid :func:`simulate` writes."""
+    fine_lat, fine_lon = fine_grid(settings.nlat, settings.nlon)
+    if grid == "global":
+        factor = settings.coarsening_factor
+        return fine_grid(settings.nlat // factor, settings.nlon // factor)
+    if grid == "regional":
+        lat_slice, lon_slice = _region_slices(settings.region, fine_lat, fine_lon)
+        return fine_lat[lat_slice], fine_lon[lon_slice]
+    raise ValueError(f"grid must be 'global' or 'regional'; found {grid!r}")
+
+
+def perfect_model_forecast(
+    settings: SimulationSettings,
+    *,
+    init_times: pd.DatetimeIndex,
+    steps: int,
+    members: int,
+    grid: str,
+    stirring_seed: int = 1,
+) -> tuple[xr.Dataset, xr.Dataset]:
+    """Forecasts by the simulator itself from the true state, with the future stirring unknown.
+
+    The truth run of ``settings`` is integrated to each of ``init_times`` (6-hourly output times in
+    increasing order); there ``members`` copies of it continue for ``steps`` outputs, each drawing its future
+    stirring (the AR(1) vorticity source, :meth:`_ShallowWaterModel._stirring_pattern`) from its own
+    generator seeded by ``(stirring_seed, start index, member)`` instead of the truth's. The state, including
+    the stirring's current value, is exact; only the forcing to come is unknown, as it is to any forecaster
+    of the built-in data, whose fields do not carry it. So these members bound what a forecaster can do:
+    their error is the data's intrinsic unpredictability, and their mean approximates the best
+    deterministic forecast. ``grid``: ``global`` (the coarse global grid) or ``regional`` (the fine box), as
+    written by :func:`simulate`. Returns the forecast in the forecast layout (``time``,
+    ``prediction_timedelta``, ``realization``, [``level``], ``latitude``, ``longitude``, with ``valid_time``)
+    and the truth at the start times (``time``, [``level``], ``latitude``, ``longitude``; to check that a
+    store holds this simulation), both float32.
+    """
+    if steps < 1 or members < 1:
+        raise ValueError(f"steps and members must be >= 1; found {steps}, {members}")
+    times = _output_times(settings)
+    inits = pd.DatetimeIndex(init_times)
+    index = pd.DatetimeIndex(times).get_indexer(inits)
+    if (index < 0).any() or (np.diff(index) <= 0).any():
+        bad = [str(t) for t, i in zip(inits, index) if i < 0]
+        raise ValueError(
+            f"start times must be increasing output times of the simulation ({times[0]} .. {times[-1]}, "
+            f"every {OUTPUT_INTERVAL_HOURS} h); not output times: {bad}"
+        )
+    factor = settings.coarsening_factor
+    fine_lat, fine_lon = fine_grid(settings.nlat, settings.nlon)
+    lat_slice, lon_slice = _region_slices(settings.region, fine_lat, fine_lon)
+    latitude, longitude = output_grid(settings, grid)
+    names = ("geopotential", "u_component_of_wind", "v_component_of_wind", "2m_temperature")
+    out = np.empty((len(names), len(inits), steps, members, len(latitude), len(longitude)), np.float32)
+    initial = np.empty((len(names), len(inits), len(latitude), len(longitude)), np.float32)
+
+    def fields_on_grid(model: _ShallowWaterModel) -> np.ndarray:
+        fields = model.regular_fields()
+        fields["2m_temperature"] = fields.pop("tracer") + diurnal_anomaly(
+            fine_lat, fine_lon, model.world.land, model.time_seconds / SECONDS_PER_DAY, settings
+        )
+        stacked = np.stack([fields[name] for name in names])
+        if grid == "global":
+            return _coarsen_array(stacked, fine_lat, factor)
+        return stacked[:, lat_slice, lon_slice]
+
+    with _torch_threads(settings.num_threads):
+        truth = _build_model(settings)
+        _spin_up(truth, None)
+        position = 0
+        for s, target in enumerate(index):
+            for _ in range(target - position):
+                truth.advance(settings.steps_per_output)
+            position = target
+            initial[:, s] = fields_on_grid(truth)
+            for m in range(members):
+                twin = truth.clone()
+                twin._stirring_rng = np.random.default_rng([stirring_seed, s, m])
+                for k in range(steps):
+                    twin.advance(settings.steps_per_output)
+                    out[:, s, k, m] = fields_on_grid(twin)
+    leads = pd.to_timedelta(np.arange(1, steps + 1) * OUTPUT_INTERVAL_HOURS, unit="h")
+    coords = {
+        "time": inits.values.astype("datetime64[ns]"),
+        "prediction_timedelta": leads.values,
+        "realization": np.arange(members),
+        "level": ("level", np.array([PRESSURE_LEVEL_HPA], dtype=np.int32), {"units": "hPa"}),
+        "latitude": ("latitude", np.asarray(latitude, dtype=np.float64), {"units": "degrees_north"}),
+        "longitude": ("longitude", np.asarray(longitude, dtype=np.float64), {"units": "degrees_east"}),
+    }
+
+    def dataset(values: np.ndarray, dims: tuple[str, ...]) -> xr.Dataset:
+        data_vars = {}
+        for i, name in enumerate(names):
+            if name == "2m_temperature":
+                data_vars[name] = ((*dims, "latitude", "longitude"), values[i], _VARIABLE_ATTRS[name])
+            else:
+                data_vars[name] = ((*dims, "level", "latitude", "longitude"), values[i][..., None, :, :],
+                                   _VARIABLE_ATTRS[name])
+        unused = {"prediction_timedelta", "realization"} - set(dims)
+        return xr.Dataset(data_vars, coords={k: v for k, v in coords.items() if k not in unused})
+
+    forecast = dataset(out, ("time", "prediction_timedelta", "realization"))
+    valid = forecast["time"] + forecast["prediction_timedelta"]
+    forecast = forecast.assign_coords(valid_time=valid.transpose("time", "prediction_timedelta")).assign_attrs(
+        model="perfect_model", stirring_seed=stirring_seed, settings_json=json.dumps(settings.to_dict(), sort_keys=True)
+    )
+    return forecast, dataset(initial, ("time",))

@@ -182,6 +182,70 @@ def climatology_forecast(
 
 
 # ----------------------------------------------------------------------------------------------
+# Perfect model (the built-in data only)
+# ----------------------------------------------------------------------------------------------
+def perfect_model_forecast(
+    truth: xr.Dataset, *, init_times: TimesLike, steps: int, members: int, source: str = "truth",
+    stirring_seed: int = 1,
+) -> xr.Dataset:
+    """The simulator's own ensemble from the true state of a store written by the built-in simulator.
+
+    The bound on the skill any forecaster of the built-in data can reach: see
+    :func:`forecasting.data.simulator.perfect_model_forecast` (members differ only in the future stirring,
+    which the data do not carry). ``truth``: a store of the simulator's coarse global or fine regional
+    grid, whose ``settings_json`` attribute gives the simulation; leads are 6-hourly, ``steps`` of them.
+    Raises SchemaError naming ``source`` for a store without the attribute, on another grid, or whose
+    fields at the start times differ from the re-run simulation (another simulator version or machine).
+    """
+    import json
+
+    from forecasting.data.simulator import SimulationSettings, output_grid
+    from forecasting.data.simulator import perfect_model_forecast as simulate_forecast
+
+    text = truth.attrs.get("settings_json")
+    if not text:
+        raise SchemaError(
+            f"{source} has no 'settings_json' attribute: the perfect-model baseline needs a store written by the "
+            "built-in simulator (forecast simulate, then forecast ingest; or forecast quickstart)"
+        )
+    try:
+        settings = SimulationSettings.from_dict(json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise SchemaError(f"{source}: its 'settings_json' attribute is not simulation settings: {exc}") from None
+    inits = _as_times(init_times, name="init_times", source=source)
+    shape = (truth.sizes.get("latitude"), truth.sizes.get("longitude"))
+    grids = {g: output_grid(settings, g) for g in ("global", "regional")}
+    grid = next((g for g, (lat, lon) in grids.items() if (len(lat), len(lon)) == shape
+                 and np.allclose(lat, truth["latitude"]) and np.allclose(lon, truth["longitude"])), None)
+    if grid is None:
+        raise SchemaError(
+            f"{source}: its {shape[0]} x {shape[1]} grid is neither the coarse global nor the regional grid of the "
+            "simulation its 'settings_json' describes"
+        )
+    try:
+        forecast, at_starts = simulate_forecast(settings, init_times=inits, steps=steps, members=members, grid=grid,
+                                                stirring_seed=stirring_seed)
+    except ValueError as exc:
+        raise SchemaError(f"{source}: {exc}") from None
+    stored = _time_dependent(truth, source=source)
+    _require_times(stored, inits, what="start times", source=source)
+    stored = stored.sel({TIME: inits.values})
+    for name in at_starts.data_vars:
+        if name not in stored:
+            raise SchemaError(f"{source} has no variable {name!r}, which the simulation writes")
+        expected = at_starts[name].values
+        found = stored[name].transpose(*at_starts[name].dims).values
+        scale = float(np.std(expected)) or 1.0
+        worst = float(np.max(np.abs(found - expected))) / scale
+        if not worst < 1e-3:
+            raise SchemaError(
+                f"{source}: {name} at the start times differs from the re-run simulation by up to {worst:.2g} of its "
+                "standard deviation; the store was not written by this simulator with these settings"
+            )
+    return forecast
+
+
+# ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
 def _as_times(values: TimesLike, *, name: str, source: str) -> pd.DatetimeIndex:
