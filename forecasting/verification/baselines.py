@@ -193,8 +193,8 @@ def perfect_model_forecast(
     The bound on the skill any forecaster of the built-in data can reach: see
     :func:`forecasting.data.simulator.perfect_model_forecast` (members differ only in the future stirring,
     which the data do not carry). ``truth``: a store of the simulator's coarse global or fine regional
-    grid, whose ``settings_json`` attribute gives the simulation; leads are 6-hourly, ``steps`` of them.
-    Raises SchemaError naming ``source`` for a store without the attribute, on another grid, or whose
+    grid, whose ``settings_json`` attribute gives the simulation; leads are 6-hourly, ``steps`` of them;
+    start times are sorted. Raises SchemaError naming ``source`` for a store without the attribute, on another grid, or whose
     fields at the start times differ from the re-run simulation (another simulator version or machine).
     """
     import json
@@ -212,7 +212,9 @@ def perfect_model_forecast(
         settings = SimulationSettings.from_dict(json.loads(text))
     except (ValueError, TypeError) as exc:
         raise SchemaError(f"{source}: its 'settings_json' attribute is not simulation settings: {exc}") from None
-    inits = _as_times(init_times, name="init_times", source=source)
+    inits = _as_times(init_times, name="init_times", source=source).sort_values()
+    stored = _time_dependent(truth, source=source)
+    _require_times(stored, inits, what="start times", source=source)
     shape = (truth.sizes.get("latitude"), truth.sizes.get("longitude"))
     grids = {g: output_grid(settings, g) for g in ("global", "regional")}
     grid = next((g for g, (lat, lon) in grids.items() if (len(lat), len(lon)) == shape
@@ -227,8 +229,6 @@ def perfect_model_forecast(
                                                 stirring_seed=stirring_seed)
     except ValueError as exc:
         raise SchemaError(f"{source}: {exc}") from None
-    stored = _time_dependent(truth, source=source)
-    _require_times(stored, inits, what="start times", source=source)
     stored = stored.sel({TIME: inits.values})
     for name in at_starts.data_vars:
         if name not in stored:
