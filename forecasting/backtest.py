@@ -645,12 +645,12 @@ def aggregate_scores(per_start: xr.DataArray, *, members: Mapping[str, int]) -> 
 
 def scorecard_against(per_start: xr.DataArray, *, model: str, reference: str, n_resamples: int) -> xr.Dataset:
     """Skill of ``model`` over ``reference`` from their per-start scores (paired bootstrap over starts)."""
-    from forecasting.verification.scorecard import SCORECARD_STATISTICS, build_scorecard
+    from forecasting.verification.scorecard import DEFAULT_SCORECARD_METRICS, build_scorecard
 
     def usable(name: str) -> list[str]:
         values = per_start.sel({MODEL: name}, drop=True)
         return [str(m) for m in values[METRIC].values
-                if str(m) in SCORECARD_STATISTICS and bool(values.sel({METRIC: m}).notnull().any())]
+                if str(m) in DEFAULT_SCORECARD_METRICS and bool(values.sel({METRIC: m}).notnull().any())]
 
     shared = [m for m in usable(model) if m in usable(reference)]
     if not shared:

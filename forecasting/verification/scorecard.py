@@ -51,6 +51,10 @@ SCORECARD_STATISTICS: dict[str, Statistic] = {
     "brier_score": "mean",
     "energy_score": "mean",
 }
+#: Metrics a scorecard shows unless others are asked for. Bias is left out: its skill, the relative change of
+#: its magnitude, explodes where the reference is nearly unbiased (the spatial-mean bias of a climatology is
+#: close to 0: skills of -10^8 % were printed), so biases are reported as values in the score tables instead.
+DEFAULT_SCORECARD_METRICS = tuple(m for m in SCORECARD_STATISTICS if m != "bias")
 REGION = "region"
 
 
@@ -198,7 +202,7 @@ def build_scorecard(
         prediction_timedelta[, region]) (the layout of ``stations.per_start_scores``). The reference must
         hold every metric, variable, lead, region and start time of the model (it may hold more); the
         scorecard covers the model's.
-    metrics: default every metric of the model that :data:`SCORECARD_STATISTICS` knows.
+    metrics: default every metric of the model in :data:`DEFAULT_SCORECARD_METRICS`.
     region: name given to the single region of inputs without a ``region`` dim.
     Returns dims (metric, variable, prediction_timedelta, region) with ``skill``, ``lower``, ``upper``,
     ``p_value``, ``significant`` (bool), ``model_score``, ``reference_score``; attrs name the model and
@@ -207,7 +211,7 @@ def build_scorecard(
     model = _per_start_scores(model_scores_per_start, name=model_name, region=region)
     reference = _per_start_scores(reference_scores_per_start, name=reference_name, region=region)
     chosen = list(metrics) if metrics is not None else [
-        str(m) for m in model["metric"].values if str(m) in SCORECARD_STATISTICS
+        str(m) for m in model["metric"].values if str(m) in DEFAULT_SCORECARD_METRICS
     ]
     if not chosen:
         raise SchemaError(

@@ -50,7 +50,7 @@ from forecasting.verification.gridded import (
     verify_grid,
 )
 from forecasting.verification.scorecard import (
-    SCORECARD_STATISTICS,
+    DEFAULT_SCORECARD_METRICS,
     build_scorecard,
     scorecard_markdown,
     scorecard_to_frame,
@@ -273,7 +273,7 @@ def verify(
         ref_ps = xr.concat(per_start[ref_name], dim=REGION, join="outer").to_dataset(name="score")
         # a one-member reference has no ensemble scores: the card compares what both have
         shared_metrics = [str(x) for x in model_ps[METRIC].values
-                          if str(x) in SCORECARD_STATISTICS and str(x) in ref_ps[METRIC].values]
+                          if str(x) in DEFAULT_SCORECARD_METRICS and str(x) in ref_ps[METRIC].values]
         scorecard = build_scorecard(model_ps, ref_ps, model_name=name, reference_name=ref_name,
                                     metrics=shared_metrics, n_resamples=n_resamples)
 
