@@ -347,10 +347,11 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     A stochastic interpolator ``I(x_t, x_{t+h}, i)`` (dropout ``interpolator_dropout``, kept on when
     forecasting) and a forecaster ``F(x_{t+i}, i) -> x_{t+h}`` over ``horizon`` steps ``h``, two
     forecasting.models.UNet of the same sizes (:class:`UNetSizesConfig`; ``dropout`` is the forecaster's, off
-    when forecasting). Training runs both stages in one ``forecast train``: the interpolator for
-    ``interpolator_steps`` optimiser steps
-    (None: half of ``training.max_steps``), then the forecaster on interpolated states with the interpolator
-    frozen; ``lookahead_weight`` is the share of the forecaster loss taken by the paper's one-step look-ahead
+    when forecasting unless ``forecaster_dropout_at_inference``, which makes the forecaster a second source
+    of ensemble spread by Monte Carlo dropout, as U-Cast does, arXiv 2604.09041). Training runs both stages
+    in one ``forecast train``: the interpolator for ``interpolator_steps`` optimiser steps (None: half of
+    ``training.max_steps``), then the forecaster on interpolated states with the interpolator frozen;
+    ``lookahead_weight`` is the share of the forecaster loss taken by the paper's one-step look-ahead
     term. Sampling (cold sampling) visits ``sampling_steps`` interpolation times per window (None: the
     horizon): the whole steps 0 .. h-1 plus ``sampling_steps - horizon`` extra ones evenly in (0, 1);
     ``member_batch`` samples (start time x member) per network call.
@@ -360,6 +361,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     input_steps: int = Field(1, ge=1, le=8)
     horizon: int = Field(4, ge=2, le=64)
     interpolator_dropout: float = Field(0.15, gt=0, lt=1)
+    forecaster_dropout_at_inference: bool = False
     interpolator_steps: int | None = Field(None, ge=1)
     lookahead_weight: float = Field(0.5, ge=0, lt=1)
     sampling_steps: int | None = Field(None, ge=2)
@@ -370,6 +372,10 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
             raise ValueError(
                 f"sampling_steps ({self.sampling_steps}) must be at least the horizon ({self.horizon}): every step "
                 "0 .. horizon-1 is a sampling step"
+            )
+        if self.forecaster_dropout_at_inference and self.dropout == 0:
+            raise ValueError(
+                "forecaster_dropout_at_inference needs a forecaster dropout above 0 (model.dropout); found 0"
             )
         return self
 

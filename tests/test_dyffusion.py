@@ -101,7 +101,7 @@ def trained(stores, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def _fake(horizon: int, calls: dict[str, int], end_change: float):
     """A forecaster that predicts ``x_t + end_change`` and an exact linear interpolator, counting calls."""
 
-    def forecast(state, states, i, forcings, static):
+    def forecast(state, states, i, forcings, static, generators=None):
         calls["forecaster"] += 1
         return states[:, -1] + end_change
 
@@ -115,11 +115,12 @@ def _fake(horizon: int, calls: dict[str, int], end_change: float):
 # ----------------------------------------------------------------------------------------------
 # The networks and the sampler
 # ----------------------------------------------------------------------------------------------
-def _tiny_model() -> DYffusion:
+def _tiny_model(*, forecaster_dropout: float = 0.0, forecaster_dropout_at_inference: bool = False) -> DYffusion:
     return DYffusion(
         n_channels=2, n_forcings=4, n_static=1, input_steps=2, horizon=HORIZON, step_hours=6.0,
         latitude=np.linspace(-60, 60, 4), residual_scale=np.array([2.0, 0.5]), periodic_lon=True,
-        interpolator_dropout=0.3, unet={"base_channels": 8, "channel_mult": (1,), "embedding_dim": 8},
+        interpolator_dropout=0.3, forecaster_dropout_at_inference=forecaster_dropout_at_inference,
+        unet={"base_channels": 8, "channel_mult": (1,), "embedding_dim": 8, "dropout": forecaster_dropout},
     )
 
 
@@ -134,6 +135,29 @@ def test_interpolator_dropout_stays_on_when_forecasting_and_the_forecaster_is_de
         assert not torch.allclose(first, second)  # a stochastic interpolator
         torch.testing.assert_close(model.forecast(end, states, i, forcings, static),
                                    model.forecast(end, states, i, forcings, static), rtol=0, atol=0)
+
+
+def test_forecaster_dropout_at_inference_makes_the_forecaster_stochastic_and_seedable():
+    torch.manual_seed(0)
+    states, state = torch.randn(2, 2, 2, 4, 6), torch.randn(2, 2, 4, 6)
+    forcings, static, i = torch.randn(2, 4, 4, 4, 6), torch.randn(2, 1, 4, 6), torch.tensor([0.0, 1.0])
+    off = _tiny_model(forecaster_dropout=0.2).eval()  # dropout trained, but off when forecasting
+    on = _tiny_model(forecaster_dropout=0.2, forecaster_dropout_at_inference=True).eval()
+    on.load_state_dict(off.state_dict())
+
+    def generators(seed: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(seed + row) for row in range(2)]
+
+    with torch.no_grad():
+        torch.testing.assert_close(off.forecast(state, states, i, forcings, static, generators=generators(0)),
+                                   off.forecast(state, states, i, forcings, static, generators=generators(1)),
+                                   rtol=0, atol=0)
+        first = on.forecast(state, states, i, forcings, static, generators=generators(0))
+        torch.testing.assert_close(first, on.forecast(state, states, i, forcings, static, generators=generators(0)),
+                                   rtol=0, atol=0)  # the same masks from the same generators
+        other = on.forecast(state, states, i, forcings, static, generators=generators(1))
+        assert not torch.allclose(first, other)
+        assert torch.isfinite(other).all()
 
 
 def test_sampling_schedule_adds_extra_steps_before_the_first_whole_step():
@@ -265,6 +289,12 @@ def test_checkpoint_of_another_family_is_rejected(stores, tmp_path):
 def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, message):
     config = dyffusion_config(stores, model=change.get("model"), training=change.get("training"))
     assert_training_is_rejected_before_writing(config, tmp_path, ConfigError, message)
+
+
+def test_forecaster_dropout_at_inference_needs_a_forecaster_dropout(stores):
+    with pytest.raises(ConfigError, match=r"forecaster_dropout_at_inference needs a forecaster dropout above 0"):
+        dyffusion_config(stores, model={"forecaster_dropout_at_inference": True})
+    assert dyffusion_config(stores, model={"forecaster_dropout_at_inference": True, "dropout": 0.1})
 
 
 def test_config_needs_a_sampling_step_per_whole_step(stores):

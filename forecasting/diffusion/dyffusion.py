@@ -43,7 +43,10 @@ losses are measured in tendency-std units, weighted by cell area and channel. Bo
 in hours, and see the ``input_steps`` states ending at ``x_t``, the time forcings of those times, of
 ``t + i`` and of ``t + h``, the static fields and ``sin``/``cos`` of latitude.
 
-Randomness: when forecasting, each sample's dropout masks come from its own generator, seeded from
+With ``forecaster_dropout_at_inference`` the forecaster's dropout stays on when forecasting too (Monte Carlo
+dropout, a second source of ensemble spread; the paper keeps only the interpolator stochastic).
+
+Randomness: when forecasting, each sample's dropout masks (both networks') come from its own generator, seeded from
 ``(seed, start time, member, window)``; so forecasts repeat exactly for the same seed, and a member does not
 depend on the batch it was drawn in (``member_batch``). In training, dropout draws from torch's global
 generator, as usual.
@@ -122,6 +125,8 @@ class DYffusion(OneGridNetwork):
         step_hours: Hours per model step (the networks are conditioned on ``i`` in hours).
         periodic_lon: The grid goes round the globe (circular padding in longitude).
         interpolator_dropout: Dropout of the interpolator, active in training and when forecasting.
+        forecaster_dropout_at_inference: Keep the forecaster's dropout (``unet["dropout"]``) on when
+            forecasting too, as a second source of spread.
         unet: Keyword arguments of :class:`~forecasting.models.UNet` shared by both networks (``base_channels``,
             ``channel_mult``, ``blocks_per_level``, ``embedding_dim``, ``dropout``: the forecaster's).
 
@@ -142,6 +147,7 @@ class DYffusion(OneGridNetwork):
         periodic_lon: bool,
         interpolator_dropout: float,
         unet: Mapping[str, Any],
+        forecaster_dropout_at_inference: bool = False,
     ) -> None:
         if horizon < 2 or not step_hours > 0 or not 0 < interpolator_dropout < 1:
             raise ValueError(
@@ -164,6 +170,7 @@ class DYffusion(OneGridNetwork):
             n_channels + self.n_condition, n_channels, conditions=("lead_time",), periodic_lon=periodic_lon, **sizes
         )
         self.interpolator.dropout_at_inference = True
+        self.forecaster.dropout_at_inference = bool(forecaster_dropout_at_inference)
 
     def _hours(self, i: Tensor, batch: int) -> Tensor:
         i = torch.as_tensor(i, dtype=torch.float32, device=self.residual_scale.device)
@@ -183,12 +190,14 @@ class DYffusion(OneGridNetwork):
         inputs = torch.cat([end, self.conditioning(states, forcings, static)], dim=1)
         return linear + self.interpolator(inputs, lead_time=hours, generators=generators) / self.residual_scale
 
-    def forecast(self, state: Tensor, states: Tensor, i: Tensor, forcings: Tensor, static: Tensor) -> Tensor:
+    def forecast(self, state: Tensor, states: Tensor, i: Tensor, forcings: Tensor, static: Tensor,
+                 generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """``F_theta(x_{t+i}, i)``: the state at ``t + h`` (B, C, H, W) from ``state`` at ``t + i`` (B, C, H, W),
-        given the initial conditions ``states``."""
+        given the initial conditions ``states``; stochastic while :attr:`forecaster` has dropout active, its
+        masks drawn from ``generators`` (one per sample) when given."""
         batch = state.shape[0]
         inputs = torch.cat([state, self.conditioning(states, forcings, static)], dim=1)
-        change = self.forecaster(inputs, lead_time=self._hours(i, batch))
+        change = self.forecaster(inputs, lead_time=self._hours(i, batch), generators=generators)
         return state + math.sqrt(self.horizon) * change / self.residual_scale
 
     def cold_sample(
@@ -213,7 +222,7 @@ class DYffusion(OneGridNetwork):
 
         times = [*map(float, schedule), float(self.horizon)]
         for i_n, i_next in itertools.pairwise(times):
-            estimate = self.forecast(s, states, full(i_n), forcings(i_n), static)  # x^_{t+h}
+            estimate = self.forecast(s, states, full(i_n), forcings(i_n), static, generators=generators)  # x^_{t+h}
             ahead = estimate if i_next == self.horizon else self.interpolate(
                 states, estimate, full(i_next), forcings(i_next), static, generators=generators
             )
@@ -337,6 +346,7 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
         return DYffusion(
             **self._network_arguments(), horizon=self.horizon, step_hours=self.step.total_seconds() / 3600.0,
             interpolator_dropout=config.interpolator_dropout,
+            forecaster_dropout_at_inference=config.forecaster_dropout_at_inference,
         )
 
     def _sample_leads(self, states, static, *, starts, steps, members, seed) -> Iterator[tuple[int, Tensor]]:
