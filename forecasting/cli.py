@@ -29,6 +29,16 @@ def _key_values(items: Sequence[str] | None, *, option: str, cast=str) -> dict:
     return out
 
 
+def _yaml_value(text: str):
+    """A command-line value read as YAML reads it: ``20`` an int, ``0.5`` a float, ``null`` None, else text."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ValueError(text) from None
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from forecasting.config import SimulationConfig, load_config, parse_config
     from forecasting.data.builtin import run_simulation
@@ -197,6 +207,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         raise ForecastingError(f"--steps and --members must be >= 1; got {args.steps}, {args.members}")
     starts = _start_times(args)
     stores = _key_values(args.store, option="--store")
+    sampling = _key_values(args.sampling, option="--sampling", cast=_yaml_value)
     if args.threads is not None:
         import torch
 
@@ -204,7 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     out = predict(
         args.checkpoint, starts=starts, members=args.members, steps=args.steps, out=args.out, stores=stores,
         boundary=args.boundary, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, sampling=sampling,
     )
     print(f"wrote forecast {out}: {len(starts)} start times x {args.steps} leads x {args.members} members")
 
@@ -554,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default %(default)s; e.g. cuda)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads (default: one per core; 1 is often faster on a busy machine)")
+    p.add_argument("--sampling", action="append", metavar="KEY=VALUE",
+                   help="diffusion families: a sampler setting replacing the checkpoint's for this forecast "
+                   "(sampler, sampling_steps, churn, s_noise, s_tmin, s_tmax, init_steps, member_batch, as the "
+                   "family has them); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
     p.set_defaults(func=_cmd_predict)
 

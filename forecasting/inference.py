@@ -363,6 +363,7 @@ def predict(
     batch_size: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    sampling: Mapping[str, object] | None = None,
 ) -> Path:
     """Forecast with a trained model and stream the forecast to ``out`` (see :class:`ForecastWriter`).
 
@@ -382,9 +383,13 @@ def predict(
         batch_size: Samples (start times x members) per model call (None: all at once).
         device: Torch device to run on (``cpu``, ``cuda``, ``cuda:1``).
         overwrite: Replace an existing forecast.
+        sampling: Sampler settings of a diffusion family that replace the checkpoint's for this forecast
+            (:data:`SAMPLING_KEYS`, e.g. ``{"sampling_steps": 20}``): the speed-for-quality trade made at
+            inference; the forecast's ``config`` attribute records the settings used.
 
     Returns ``out``. Raises StoreError if ``out`` exists (without ``overwrite``), SourceError for a bad
-    checkpoint, SchemaError for missing variables or times; nothing is written at ``out`` on failure.
+    checkpoint, SchemaError for missing variables or times, ConfigError for a sampling key the family does
+    not have or a bad value; nothing is written at ``out`` on failure.
     """
     from forecasting.config import parse_config
     from forecasting.data.store import open_store
@@ -400,6 +405,8 @@ def predict(
             f"{checkpoint} is a downscaling model: it maps a coarse forecast to the fine grid rather than rolling "
             "out from initial conditions; use 'forecast downscale F.zarr --checkpoint CKPT --out OUT.zarr'"
         )
+    if sampling:
+        ckpt = with_sampling(ckpt, sampling)
     config = parse_config(ckpt.config, source=f"config in {checkpoint}")
     forecaster = build_forecaster(config, checkpoint=ckpt)
     if callable(getattr(forecaster, "to", None)):  # torch families move to the device; baselines run on xarray
@@ -437,6 +444,37 @@ def predict(
         ):
             writer.write(chunk.grids, starts=chunk.starts, lead=chunk.lead)
     return out
+
+
+# The model keys a forecast may change without retraining, per family: how the trained network is sampled.
+SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
+    "diffusion": ("sampler", "sampling_steps", "churn", "s_noise", "s_tmin", "s_tmax", "member_batch"),
+    "rolling": ("sampler", "sampling_steps", "init_steps", "member_batch"),
+    "dyffusion": ("sampling_steps", "member_batch"),
+}
+
+
+def with_sampling(ckpt, sampling: Mapping[str, object]):
+    """``ckpt`` (a :class:`~forecasting.training.checkpoint.Checkpoint`) with its config's sampler settings
+    replaced by ``sampling`` (keys of :data:`SAMPLING_KEYS` for its family), validated like a config.
+
+    Raises ConfigError naming the key when the family has no such sampling setting or a value is invalid.
+    """
+    import dataclasses
+
+    from forecasting.config import ConfigError, parse_config
+
+    allowed = SAMPLING_KEYS.get(ckpt.family, ())
+    unknown = sorted(set(sampling) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{ckpt.path}: a {ckpt.family!r} model has no sampling setting {unknown}; "
+            + (f"it has {list(allowed)}" if allowed else "it is not sampled by a diffusion sampler")
+        )
+    config = json.loads(json.dumps(ckpt.config))  # a deep copy
+    config["model"] = {**config["model"], **dict(sampling)}
+    parse_config(config, source=f"{ckpt.path} with sampling settings {dict(sampling)}")  # validates
+    return dataclasses.replace(ckpt, config=config)
 
 
 def _is_forecast(location: str | Path) -> bool:

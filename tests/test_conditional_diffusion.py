@@ -5,6 +5,8 @@ inference agree, checkpoints round-trip, and bad input fails before anything is 
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +122,51 @@ def test_members_do_not_depend_on_the_batching(trained, analysis):
     # Member 1 of start 2 is the same in a forecast of that start alone.
     alone = forecaster.forecast(analysis[GLOBAL], steps=2, members=2, starts=STARTS[1:], seed=7)
     xr.testing.assert_allclose(alone.isel({MEMBER: 1}), together.isel({TIME: [1], MEMBER: 1}), rtol=1e-5)
+
+
+def test_predict_sampling_settings_replace_the_checkpoints_for_one_forecast(trained, tmp_path):
+    """``--sampling`` changes how the trained network is sampled (here Euler in 2 steps instead of Heun in 4)
+    and the forecast's config attribute says so; the checkpoint is untouched."""
+    from forecasting.cli import main
+    from forecasting.inference import open_forecast, predict
+
+    checkpoint = trained["checkpoint"]
+    before = checkpoint.read_bytes()
+    common = ["predict", "--checkpoint", str(checkpoint), "--start", STARTS[0], "--members", "2", "--steps", "2"]
+    assert main([*common, "--out", str(tmp_path / "default.zarr")]) == 0
+    assert main([*common, "--out", str(tmp_path / "euler.zarr"), "--sampling", "sampler=euler",
+                 "--sampling", "sampling_steps=2"]) == 0
+    default, euler = open_forecast(tmp_path / "default.zarr").load(), open_forecast(tmp_path / "euler.zarr").load()
+    assert not np.allclose(default["geopotential"].values, euler["geopotential"].values)
+    assert np.isfinite(euler["geopotential"].values).all()
+    model = json.loads(euler.attrs["config"])["model"]
+    assert (model["sampler"], model["sampling_steps"]) == ("euler", 2)
+    assert json.loads(default.attrs["config"])["model"]["sampler"] == "heun"
+    assert default.attrs["config_hash"] != euler.attrs["config_hash"]
+    # the same settings through the Python API give the same forecast
+    again = predict(checkpoint, starts=STARTS[:1], members=2, steps=2, out=tmp_path / "again.zarr",
+                    sampling={"sampler": "euler", "sampling_steps": 2})
+    xr.testing.assert_equal(open_forecast(again).load()[["geopotential"]], euler[["geopotential"]])
+    assert checkpoint.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("input_steps=1", r"no sampling setting \['input_steps'\]; it has \['sampler', 'sampling_steps'"),
+        ("sampler=rk4", "sampler"),
+        ("sampling_steps=0", "sampling_steps"),
+        ("sampling_steps", "--sampling expects KEY=VALUE"),
+    ],
+)
+def test_predict_rejects_bad_sampling_settings_before_writing(trained, tmp_path, capsys, setting, message):
+    from forecasting.cli import main
+
+    out = tmp_path / "fc.zarr"
+    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--start", STARTS[0], "--steps", "1",
+                 "--out", str(out), "--sampling", setting]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_inference_adds_the_sampled_residual_times_the_tendency_std(stores, analysis):
