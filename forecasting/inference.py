@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import dask.array as da
 import numpy as np
@@ -45,6 +46,9 @@ from forecasting.schema import (
     with_valid_time,
 )
 from forecasting.verification.baselines import climatology, climatology_forecast, persistence_forecast
+
+if TYPE_CHECKING:
+    from forecasting.training.checkpoint import Checkpoint
 
 
 def config_hash(config: Mapping[str, object]) -> str:
@@ -454,7 +458,7 @@ SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def with_sampling(ckpt, sampling: Mapping[str, object]):
+def with_sampling(ckpt: Checkpoint, sampling: Mapping[str, object]) -> Checkpoint:
     """``ckpt`` (a :class:`~forecasting.training.checkpoint.Checkpoint`) with its config's sampler settings
     replaced by ``sampling`` (keys of :data:`SAMPLING_KEYS` for its family), validated like a config.
 

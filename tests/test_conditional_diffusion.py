@@ -17,7 +17,11 @@ import xarray as xr
 
 from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.data.store import open_store
-from forecasting.diffusion.conditional import ConditionalDiffusion, DenoisingObjective, DiffusionForecaster
+from forecasting.diffusion.conditional import (
+    ConditionalDiffusion,
+    DenoisingObjective,
+    DiffusionForecaster,
+)
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
 from forecasting.schema import LEAD, MEMBER, TIME
