@@ -358,7 +358,7 @@ def test_perfect_model_without_stirring_is_the_truth():
     truth = sim.simulate(settings)
     starts = pd.DatetimeIndex(truth.coarse.time.values[[1, 4]])
     for grid, stored in (("global", truth.coarse), ("regional", truth.fine_regional)):
-        forecast, at_starts = sim.perfect_model_forecast(settings, init_times=starts, steps=3, members=2, grid=grid)
+        forecast, at_starts = sim.rerun_ensemble(settings, init_times=starts, steps=3, members=2, grid=grid)
         assert forecast.sizes["realization"] == 2 and forecast.sizes["prediction_timedelta"] == 3
         for name in ("geopotential", "u_component_of_wind", "2m_temperature"):
             np.testing.assert_allclose(at_starts[name].values, stored[name].sel(time=starts).values, rtol=1e-6)
@@ -371,16 +371,16 @@ def test_perfect_model_without_stirring_is_the_truth():
 
 def test_perfect_model_members_differ_by_their_future_stirring(small):
     starts = pd.DatetimeIndex(small.coarse.time.values[[2]])
-    forecast, at_starts = sim.perfect_model_forecast(SMALL, init_times=starts, steps=8, members=3, grid="global")
+    forecast, at_starts = sim.rerun_ensemble(SMALL, init_times=starts, steps=8, members=3, grid="global")
     z = forecast["geopotential"].isel(time=0, level=0)
     spread = z.std("realization").mean(["latitude", "longitude"]).values
     assert spread[0] > 0 and spread[-1] > 3 * spread[0], spread
     np.testing.assert_allclose(at_starts["geopotential"].values, small.coarse["geopotential"].sel(time=starts).values,
                                rtol=1e-6)
     with pytest.raises(ValueError, match="not output times"):
-        sim.perfect_model_forecast(SMALL, init_times=starts + pd.Timedelta("1h"), steps=1, members=1, grid="global")
+        sim.rerun_ensemble(SMALL, init_times=starts + pd.Timedelta("1h"), steps=1, members=1, grid="global")
     with pytest.raises(ValueError, match="grid must be"):
-        sim.perfect_model_forecast(SMALL, init_times=starts, steps=1, members=1, grid="europe")
+        sim.rerun_ensemble(SMALL, init_times=starts, steps=1, members=1, grid="europe")
 
 
 def test_settings_round_trip_through_json():
@@ -403,7 +403,7 @@ def test_perfect_model_baseline_from_a_store_and_its_bad_input(small, tmp_path):
                  "--steps", "2", "--members", "2", "--out", str(out)]) == 0
     written = xr.open_zarr(out)
     assert written.sizes["realization"] == 2 and written.attrs["model"] == "perfect-model"
-    direct, _ = sim.perfect_model_forecast(SMALL, init_times=pd.DatetimeIndex(starts), steps=2, members=2,
+    direct, _ = sim.rerun_ensemble(SMALL, init_times=pd.DatetimeIndex(starts), steps=2, members=2,
                                            grid="regional")
     np.testing.assert_array_equal(written["2m_temperature"].values, direct["2m_temperature"].values)
 

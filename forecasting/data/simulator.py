@@ -1388,7 +1388,7 @@ def output_grid(settings: SimulationSettings, grid: str) -> tuple[np.ndarray, np
     raise ValueError(f"grid must be 'global' or 'regional'; found {grid!r}")
 
 
-def perfect_model_forecast(
+def rerun_ensemble(
     settings: SimulationSettings,
     *,
     init_times: pd.DatetimeIndex,

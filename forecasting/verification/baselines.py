@@ -191,7 +191,7 @@ def perfect_model_forecast(
     """The simulator's own ensemble from the true state of a store written by the built-in simulator.
 
     The bound on the skill any forecaster of the built-in data can reach: see
-    :func:`forecasting.data.simulator.perfect_model_forecast` (members differ only in the future stirring,
+    :func:`forecasting.data.simulator.rerun_ensemble` (members differ only in the future stirring,
     which the data do not carry). ``truth``: a store of the simulator's coarse global or fine regional
     grid, whose ``settings_json`` attribute gives the simulation; leads are 6-hourly, ``steps`` of them;
     start times are sorted. Raises SchemaError naming ``source`` for a store without the attribute, on another grid, or whose
@@ -199,8 +199,7 @@ def perfect_model_forecast(
     """
     import json
 
-    from forecasting.data.simulator import SimulationSettings, output_grid
-    from forecasting.data.simulator import perfect_model_forecast as simulate_forecast
+    from forecasting.data.simulator import SimulationSettings, output_grid, rerun_ensemble
 
     text = truth.attrs.get("settings_json")
     if not text:
@@ -225,7 +224,7 @@ def perfect_model_forecast(
             "simulation its 'settings_json' describes"
         )
     try:
-        forecast, at_starts = simulate_forecast(settings, init_times=inits, steps=steps, members=members, grid=grid,
+        forecast, at_starts = rerun_ensemble(settings, init_times=inits, steps=steps, members=members, grid=grid,
                                                 stirring_seed=stirring_seed)
     except ValueError as exc:
         raise SchemaError(f"{source}: {exc}") from None
