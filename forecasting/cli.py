@@ -149,13 +149,8 @@ def _cmd_baseline(args: argparse.Namespace) -> None:
     starts = _start_times(args)
     leads = pd.to_timedelta([args.step_hours * (i + 1) for i in range(args.steps)], unit="h")
     period = tuple(args.climatology_period) if args.climatology_period else None
-    if perfect:
-        from forecasting.verification.baselines import perfect_model_forecast
-
-        forecast = perfect_model_forecast(truth, init_times=starts, steps=args.steps, members=args.members,
-                                          source=str(args.truth))
-    else:
-        forecast = baseline_forecast(truth, kind=args.kind, init_times=starts, leads=leads, climatology_period=period)
+    forecast = baseline_forecast(truth, kind=args.kind, init_times=starts, leads=leads, climatology_period=period,
+                                 members=args.members, source=str(args.truth))
     write_forecast(forecast, out, model=args.kind, overwrite=args.overwrite,
                    config={"kind": args.kind, "truth": str(args.truth), "steps": args.steps, "members": args.members,
                            "step_hours": args.step_hours, "climatology_period": period})

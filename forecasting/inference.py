@@ -195,14 +195,33 @@ def baseline_forecast(
     init_times,
     leads,
     climatology_period: tuple[str | None, str | None] | None = None,
+    members: int = 1,
+    source: str = "the truth",
 ) -> xr.Dataset:
-    """Persistence or climatology forecasts from an analysis, in the forecast layout (lazy)."""
+    """Persistence, climatology or perfect-model forecasts from an analysis, in the forecast layout.
+
+    ``members`` and ``source`` (the store's name in messages) are for ``perfect-model``
+    (:func:`~forecasting.verification.baselines.perfect_model_forecast`: the built-in data's simulator restarted
+    from ``truth``), whose leads must be 6 h, 12 h, ... (the simulation's step). Persistence and climatology
+    are lazy and have one member. Raises StoreError for another kind, or for members or leads a kind cannot
+    give.
+    """
+    if kind == "perfect-model":
+        from forecasting.verification.baselines import perfect_model_forecast
+
+        steps = len(leads)
+        expected = pd.to_timedelta([6 * (i + 1) for i in range(steps)], unit="h")
+        if steps < 1 or not (pd.to_timedelta(leads) == expected).all():
+            raise StoreError("the perfect-model baseline runs at the simulation's 6 h step: leads must be 6 h, 12 h, ...")
+        return perfect_model_forecast(truth, init_times=init_times, steps=steps, members=members, source=source)
+    if members != 1:
+        raise StoreError(f"members={members}: only the perfect-model baseline has members")
     if kind == "persistence":
         return persistence_forecast(truth, init_times=init_times, leads=leads)
     if kind == "climatology":
         clim, _ = climatology_with_fallback(truth, climatology_period)
         return climatology_forecast(clim, init_times=init_times, leads=leads)
-    raise StoreError(f"unknown baseline {kind!r}; choose persistence or climatology")
+    raise StoreError(f"unknown baseline {kind!r}; choose persistence, climatology or perfect-model")
 
 
 

@@ -403,8 +403,7 @@ def test_perfect_model_baseline_from_a_store_and_its_bad_input(small, tmp_path):
                  "--steps", "2", "--members", "2", "--out", str(out)]) == 0
     written = xr.open_zarr(out)
     assert written.sizes["realization"] == 2 and written.attrs["model"] == "perfect-model"
-    direct, _ = sim.rerun_ensemble(SMALL, init_times=pd.DatetimeIndex(starts), steps=2, members=2,
-                                           grid="regional")
+    direct, _ = sim.rerun_ensemble(SMALL, init_times=pd.DatetimeIndex(starts), steps=2, members=2, grid="regional")
     np.testing.assert_array_equal(written["2m_temperature"].values, direct["2m_temperature"].values)
 
     # bad input: clear errors, nothing written
@@ -423,3 +422,16 @@ def test_perfect_model_baseline_from_a_store_and_its_bad_input(small, tmp_path):
     other["geopotential"] = other["geopotential"] + 500.0
     with pytest.raises(SchemaError, match="geopotential at the start times differs from the re-run simulation"):
         perfect_model_forecast(other, init_times=starts, steps=1, members=1, source="other.zarr")
+
+    # the same through inference.baseline_forecast, which the CLI and the verification's references use
+    from forecasting.errors import StoreError
+    from forecasting.inference import baseline_forecast
+
+    truth = xr.open_zarr(store)
+    via = baseline_forecast(truth, kind="perfect-model", init_times=starts, leads=pd.to_timedelta([6, 12], unit="h"),
+                            members=2)
+    np.testing.assert_array_equal(via["2m_temperature"].values, direct["2m_temperature"].values)
+    with pytest.raises(StoreError, match="leads must be 6 h, 12 h"):
+        baseline_forecast(truth, kind="perfect-model", init_times=starts, leads=pd.to_timedelta([12], unit="h"))
+    with pytest.raises(StoreError, match="members=2: only the perfect-model baseline has members"):
+        baseline_forecast(truth, kind="persistence", init_times=starts, leads=pd.to_timedelta([6], unit="h"), members=2)
