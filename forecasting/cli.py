@@ -140,11 +140,8 @@ def _cmd_baseline(args: argparse.Namespace) -> None:
         raise ForecastingError(f"forecast {out} already exists; pass --overwrite to replace it")
     if args.steps < 1 or args.step_hours <= 0:
         raise ForecastingError(f"--steps must be >= 1 and --step-hours > 0; got {args.steps}, {args.step_hours}")
-    perfect = args.kind == "perfect-model"
-    if args.members < 1 or (args.members > 1 and not perfect):
-        raise ForecastingError(f"--members {args.members}: only the perfect-model baseline has members (>= 1)")
-    if perfect and args.step_hours != 6:
-        raise ForecastingError(f"--step-hours {args.step_hours}: the perfect-model baseline runs at the simulation's 6 h")
+    if args.members < 1:  # which kinds take members and which leads: inference.baseline_forecast checks
+        raise ForecastingError(f"--members must be >= 1; got {args.members}")
     truth = open_truth(args.truth)
     starts = _start_times(args)
     leads = pd.to_timedelta([args.step_hours * (i + 1) for i in range(args.steps)], unit="h")

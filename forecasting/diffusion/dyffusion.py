@@ -222,7 +222,8 @@ class DYffusion(OneGridNetwork):
 
         times = [*map(float, schedule), float(self.horizon)]
         for i_n, i_next in itertools.pairwise(times):
-            estimate = self.forecast(s, states, full(i_n), forcings(i_n), static, generators=generators)  # x^_{t+h}
+            estimate = self.forecast(s, states, full(i_n), forcings(i_n), static,  # x^_{t+h}
+                                     generators=generators)
             ahead = estimate if i_next == self.horizon else self.interpolate(
                 states, estimate, full(i_next), forcings(i_next), static, generators=generators
             )

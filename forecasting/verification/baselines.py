@@ -225,7 +225,7 @@ def perfect_model_forecast(
         )
     try:
         forecast, at_starts = rerun_ensemble(settings, init_times=inits, steps=steps, members=members, grid=grid,
-                                                stirring_seed=stirring_seed)
+                                             stirring_seed=stirring_seed)
     except ValueError as exc:
         raise SchemaError(f"{source}: {exc}") from None
     stored = stored.sel({TIME: inits.values})
