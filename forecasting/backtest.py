@@ -212,7 +212,8 @@ def load_forecast_run(path: str | Path) -> ForecastRunConfig:
 
 def _scoring_settings(config: ForecastRunConfig) -> dict[str, object]:
     """The settings a start's scores depend on (not where they run, not the other start times)."""
-    return config.model_dump(mode="json", exclude={"out", "starts", "dask", "plots", "n_resamples", "keep_forecasts"})
+    return config.model_dump(mode="json", exclude={"out", "starts", "dask", "plots", "n_resamples", "bootstrap_block",
+                                                  "keep_forecasts"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,7 +644,8 @@ def aggregate_scores(per_start: xr.DataArray, *, members: Mapping[str, int]) -> 
     return scores.transpose(MODEL, METRIC, VARIABLE, LEAD, REGION).to_dataset(name="score")
 
 
-def scorecard_against(per_start: xr.DataArray, *, model: str, reference: str, n_resamples: int) -> xr.Dataset:
+def scorecard_against(per_start: xr.DataArray, *, model: str, reference: str, n_resamples: int,
+                      block_length: int | str = "auto") -> xr.Dataset:
     """Skill of ``model`` over ``reference`` from their per-start scores (paired bootstrap over starts)."""
     from forecasting.verification.scorecard import DEFAULT_SCORECARD_METRICS, build_scorecard
 
@@ -660,6 +662,7 @@ def scorecard_against(per_start: xr.DataArray, *, model: str, reference: str, n_
         per_start.sel({MODEL: model}, drop=True).sel(pick).to_dataset(name="score"),
         per_start.sel({MODEL: reference}, drop=True).sel(pick).to_dataset(name="score"),
         model_name=model, reference_name=reference, metrics=shared, n_resamples=n_resamples,
+        block_length=block_length,
     )
 
 
@@ -683,7 +686,8 @@ def summarise_backtest(config: ForecastRunConfig, starts: Sequence | pd.Datetime
         scores.attrs = {"model": data.name, "checkpoint": config.checkpoint, "n_start_times": len(paths),
                         "first_start": str(pd.Timestamp(starts[0])), "last_start": str(pd.Timestamp(starts[-1])),
                         "members": config.members}
-        cards = {ref: scorecard_against(per_start, model=data.name, reference=ref, n_resamples=config.n_resamples)
+        cards = {ref: scorecard_against(per_start, model=data.name, reference=ref, n_resamples=config.n_resamples,
+                                        block_length=config.bootstrap_block)
                  for ref in config.baselines if ref in per_start[MODEL].values}
         write_summary(out, scores=scores, scorecards=cards, title=f"Backtest of {data.name}",
                       intro=_backtest_intro(config, data, starts), plots=config.plots)

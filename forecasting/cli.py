@@ -39,6 +39,19 @@ def _yaml_value(text: str):
         raise ValueError(text) from None
 
 
+def _block_length(text: str) -> int | str:
+    """``--bootstrap-block``: ``auto`` or a whole number >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a whole number >= 1; got {text!r}")
+    return value
+
+
 def _cmd_simulate(args: argparse.Namespace) -> None:
     from forecasting.config import SimulationConfig, load_config, parse_config
     from forecasting.data.builtin import run_simulation
@@ -173,6 +186,7 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         station_method=args.station_method,
         chunk_starts=args.chunk_starts,
         n_resamples=args.bootstrap,
+        bootstrap_block=args.bootstrap_block,
         overwrite=args.overwrite,
         plots=not args.no_plots,
     )
@@ -514,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interpolation to stations (default %(default)s)")
     p.add_argument("--chunk-starts", type=int, default=8, help="start times held in memory at once (default %(default)s)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the scorecard (default %(default)s)")
+    p.add_argument("--bootstrap-block", type=_block_length, default="auto", metavar="L",
+                   help="consecutive start times per block of the scorecard's circular block bootstrap: a number "
+                        "(1: the ordinary bootstrap) or auto, chosen from the scores' autocorrelation (default %(default)s)")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=_cmd_verify)

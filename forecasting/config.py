@@ -593,7 +593,8 @@ class ForecastRunConfig(StrictModel):
     store, CSV, Parquet or station netCDF. ``members``, ``steps``, ``seed``, ``batch_size``: as for
     ``forecast predict``. ``starts``: the backtest's start times. ``baselines``: scored for the same
     starts; the first is the reference of the forecast cycle's scorecards. ``regions``: extra named boxes
-    scored on global grids. ``n_resamples``: bootstrap resamples of the scorecards. ``keep_forecasts``:
+    scored on global grids. ``n_resamples``: bootstrap resamples of the scorecards; ``bootstrap_block``: start
+    times per block of their circular block bootstrap, or ``auto`` (chosen from the scores). ``keep_forecasts``:
     keep each backtest start's forecast in ``OUT/forecasts``. ``plots``: draw the summary plots. ``dask``:
     where the backtest's start times run.
     """
@@ -612,6 +613,7 @@ class ForecastRunConfig(StrictModel):
     regions: dict[str, RegionConfig] = {}
     station_method: Literal["bilinear", "nearest"] = "bilinear"
     n_resamples: int = Field(1000, ge=1)
+    bootstrap_block: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     keep_forecasts: bool = False
     plots: bool = True
     dask: DaskConfig = DaskConfig()

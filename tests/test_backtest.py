@@ -54,6 +54,7 @@ def test_backtest_on_a_dask_cluster_aggregates_exactly_like_one_verification(tmp
                                    variable="2m_temperature")).all()
     card = xr.open_dataset(result.summary / "scorecard_persistence.nc")
     assert card.attrs["model"] == "tiny" and card.attrs["n_start_times"] == 3
+    assert card.attrs["block_length"] == "auto" and "block_length" in card.data_vars  # forecast.bootstrap_block
     assert "Scorecard: tiny against persistence" in (result.summary / "summary.md").read_text()
 
     # The persistence rows equal `forecast verify` of a persistence forecast of all start times at once.

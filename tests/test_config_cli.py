@@ -71,3 +71,20 @@ def test_cli_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command in ("quickstart", "simulate", "ingest", "stats"):
         assert command in text
+
+
+def test_bootstrap_block_length_is_checked_on_the_command_line_and_in_configs(tmp_path, capsys):
+    out = tmp_path / "verify"
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main(["verify", "--forecast", "f.zarr", "--truth", "t.zarr", "--out", str(out), "--bootstrap-block", bad])
+        assert exc.value.code == 2
+        assert "--bootstrap-block" in capsys.readouterr().err and not out.exists()
+    config = tmp_path / "backtest.yaml"
+    config.write_text("forecast:\n  checkpoint: m.pt\n  out: bt\n  bootstrap_block: 0\n")
+    with pytest.raises(ConfigError, match="bootstrap_block"):
+        load_config(config)
+    config.write_text("forecast:\n  checkpoint: m.pt\n  out: bt\n  bootstrap_block: 3\n")
+    assert load_config(config).forecast.bootstrap_block == 3
+    config.write_text("forecast:\n  checkpoint: m.pt\n  out: bt\n")
+    assert load_config(config).forecast.bootstrap_block == "auto"

@@ -64,7 +64,7 @@ def test_baseline_then_verify_writes_scores_scorecard_and_plots(setup, capsys):
                  "--starts", "2001-10-01", "2001-10-12", "24h", "--steps", "8"]) == 0
     out = root / "verify-clim"
     code = main(["verify", "--forecast", str(fc), "--truth", str(root / "truth.zarr"), "--obs", str(root / "obs.zarr"),
-                 "--reference", "persistence", "--out", str(out), "--bootstrap", "200",
+                 "--reference", "persistence", "--out", str(out), "--bootstrap", "200", "--bootstrap-block", "2",
                  "--region", "north", "20", "80", "0", "360"])
     assert code == 0, capsys.readouterr().err
     scores = xr.open_dataset(out / "scores.nc")
@@ -79,6 +79,7 @@ def test_baseline_then_verify_writes_scores_scorecard_and_plots(setup, capsys):
     # bias has no skill score worth showing (a reference's near-zero bias makes it explode): values only
     card = xr.open_dataset(out / "scorecard.nc")
     assert "bias" not in card.metric.values and {"rmse", "crps"} <= set(card.metric.values)
+    assert set(card["block_length"].values) == {2} and "circular blocks of 2" in (out / "scorecard.md").read_text()
     assert "bias" in scores.metric.values
     pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert any(p.startswith("rmse_") for p in pngs) and any(p.startswith("scorecard_") for p in pngs)

@@ -12,6 +12,16 @@ of every resample forms the distribution whose central ``confidence`` interval i
 is significant when that interval excludes 0; the two-sided p-value is twice the smaller tail share of
 the resampled skills on either side of 0 (capped at 1).
 
+Forecasts started a day apart make errors that are alike, so their score differences are autocorrelated and
+an ordinary bootstrap, which treats every start as independent, gives intervals that are too narrow. The
+resampling is therefore a circular block bootstrap (Politis and Romano 1992): each resample strings together
+blocks of ``L`` consecutive start times (in time order, wrapping round at the end). ``L = 1`` is the ordinary
+bootstrap. By default ``L`` is chosen per metric from the data with the rule of Wilks (1997, "Resampling
+hypothesis tests for autocorrelated fields"; Wilks 2011, section 5.3.5), ``L = (n - L + 1)^((2/3)(1 - n'/n))``
+with the effective sample size ``n' = n (1 - rho) / (1 + rho)``, where ``rho`` is the median lag-1
+autocorrelation of the model-minus-reference per-start scores over the metric's series (variables, leads,
+regions). Uncorrelated differences give ``L = 1``.
+
 Per-start scores (the input) hold each start time's score, spatially averaged: what
 :func:`forecasting.verification.stations.per_start_scores` returns, or a metric of
 :mod:`forecasting.verification.metrics` with ``time`` among ``preserve_dims``. Their aggregate over start
@@ -35,6 +45,8 @@ from forecasting.schema import LEAD, TIME
 from forecasting.verification.metrics import METRICS
 
 Statistic = Literal["rmse", "mean"]
+#: A block length for the bootstrap: a number of consecutive start times, or ``"auto"`` (Wilks' rule).
+BlockLength = int | Literal["auto"]
 
 #: How each metric's per-start scores aggregate over start times; orientation and perfect value are
 #: those of :data:`forecasting.verification.metrics.METRICS`. Spread, ratios and correlations are not
@@ -82,6 +94,57 @@ def _skill(model: np.ndarray, reference: np.ndarray, *, perfect: float) -> np.nd
     return np.where(ok, 1.0 - ratio, np.nan)
 
 
+def lag1_autocorrelation(series: np.ndarray) -> float:
+    """Median over rows of the lag-1 autocorrelation of ``series`` (K, n), ignoring NaNs.
+
+    Each row's autocorrelation is ``mean(x_t x_{t+1}) / mean(x_t^2)`` of its anomalies, the first mean over
+    the pairs where both values are finite, the second over the finite values. Rows with fewer than 3 such pairs or no variance are left out; NaN when none is
+    left.
+    """
+    values = np.asarray(series, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] < 2:
+        return float("nan")
+    finite = np.isfinite(values)
+    count = finite.sum(axis=1, keepdims=True)
+    mean = np.where(finite, values, 0.0).sum(axis=1, keepdims=True) / np.maximum(count, 1)
+    anomaly = np.where(finite, values - mean, 0.0)
+    pair = finite[:, :-1] & finite[:, 1:]
+    n_pairs = pair.sum(axis=1)
+    covariance = (anomaly[:, :-1] * anomaly[:, 1:] * pair).sum(axis=1) / np.maximum(n_pairs, 1)
+    variance = (anomaly**2).sum(axis=1) / np.maximum(count[:, 0], 1)
+    usable = (n_pairs >= 3) & (variance > 0)
+    if not usable.any():
+        return float("nan")
+    return float(np.median(covariance[usable] / variance[usable]))
+
+
+def block_length_for(rho: float, n: int) -> int:
+    """Wilks' (1997) block length for a series of ``n`` values with lag-1 autocorrelation ``rho``.
+
+    Solves ``L = (n - L + 1)^((2/3)(1 - n'/n))``, ``n' = n (1 - rho) / (1 + rho)``, by fixed-point iteration
+    (a contraction: the right side's slope is below 2/3 in magnitude) and rounds to a whole number in
+    ``[1, n]``. ``rho`` that is NaN or not positive gives 1 (the ordinary bootstrap); it is capped at 0.99.
+    """
+    if n < 2 or not np.isfinite(rho) or rho <= 0:
+        return 1
+    rho = min(float(rho), 0.99)
+    exponent = (2.0 / 3.0) * (1.0 - (1.0 - rho) / (1.0 + rho))
+    length = 1.0
+    for _ in range(100):
+        updated = (n - length + 1.0) ** exponent
+        if abs(updated - length) < 1e-9:
+            break
+        length = updated
+    return int(min(max(round(length), 1), n))
+
+
+def _check_block_length(block_length: BlockLength) -> None:
+    if block_length == "auto":
+        return
+    if isinstance(block_length, bool) or not isinstance(block_length, (int, np.integer)) or block_length < 1:
+        raise SchemaError(f"bootstrap block length must be 'auto' or a whole number >= 1; found {block_length!r}")
+
+
 def paired_bootstrap(
     per_start_model: xr.DataArray,
     per_start_reference: xr.DataArray,
@@ -93,17 +156,21 @@ def paired_bootstrap(
     higher_is_better: bool | None = False,
     perfect_score: float | None = None,
     confidence: float = 0.95,
+    block_length: BlockLength = "auto",
 ) -> xr.Dataset:
-    """Skill of model over reference with a paired bootstrap over ``dim`` (start times).
+    """Skill of model over reference with a paired (circular block) bootstrap over ``dim`` (start times).
 
     per_start_model, per_start_reference: per-start scores with ``dim`` and any other dims (lead,
         variable, region); ``dim`` coordinates must be equal. A start where either is NaN is left out of
         both (pairing).
     statistic: ``rmse``: the aggregate is ``sqrt(mean(x**2))`` of per-start RMSEs; ``mean``: ``mean(x)``.
     higher_is_better, perfect_score: as in :func:`skill_score`.
+    block_length: consecutive start times per resampled block (1: the ordinary bootstrap), or ``"auto"``
+        (see the module docstring). Blocks follow ``dim`` sorted ascending.
     Returns a Dataset over the other dims: ``skill`` (full sample), ``lower``/``upper`` (central
     ``confidence`` interval of the resampled skills), ``p_value``, ``significant`` (interval excludes 0),
-    ``model_score``/``reference_score`` (full-sample aggregates). Same ``seed`` -> same draws.
+    ``model_score``/``reference_score`` (full-sample aggregates); attrs include the ``block_length`` used
+    and the ``lag1_autocorrelation`` it was chosen from (NaN for a given length). Same ``seed`` -> same draws.
     """
     if statistic not in ("rmse", "mean"):
         raise SchemaError(f"bootstrap statistic must be 'rmse' or 'mean'; found {statistic!r}")
@@ -111,6 +178,7 @@ def paired_bootstrap(
         raise SchemaError(f"n_resamples must be at least 1; found {n_resamples}")
     if not 0 < confidence < 1:
         raise SchemaError(f"confidence must lie in (0, 1); found {confidence}")
+    _check_block_length(block_length)
     for name, values in (("model", per_start_model), ("reference", per_start_reference)):
         if dim not in values.dims:
             raise SchemaError(f"per-start {name} scores have no {dim!r} dim; dims are {values.dims}")
@@ -119,6 +187,8 @@ def paired_bootstrap(
     except ValueError as exc:
         raise SchemaError(f"per-start model and reference scores have different coordinates: {exc}") from exc
     model, reference = xr.broadcast(model, reference)
+    if dim in model.indexes:  # blocks are runs of consecutive start times
+        model, reference = model.sortby(dim), reference.sortby(dim)
     other = [d for d in model.dims if d != dim]
     model = model.transpose(*other, dim)
     reference = reference.transpose(*other, dim)
@@ -132,8 +202,15 @@ def paired_bootstrap(
     r_terms = np.where(valid, r, 0.0) ** power
     weight = valid.astype(np.float64)
 
+    if block_length == "auto":
+        rho = lag1_autocorrelation(np.where(valid, m_terms - r_terms, np.nan))
+        length = block_length_for(rho, n_start)
+    else:
+        rho, length = float("nan"), int(min(block_length, n_start))
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_start, size=(n_resamples, n_start))
+    n_blocks = -(-n_start // length)
+    block_starts = rng.integers(0, n_start, size=(n_resamples, n_blocks))
+    draws = ((block_starts[:, :, None] + np.arange(length)) % n_start).reshape(n_resamples, -1)[:, :n_start]
     counts = np.zeros((n_resamples, n_start))  # (R, n_start): how often each start is drawn
     np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
 
@@ -180,6 +257,8 @@ def paired_bootstrap(
         "seed": seed,
         "confidence": confidence,
         "n_start_times": n_start,
+        "block_length": length,
+        "lag1_autocorrelation": rho,
     }
     return result
 
@@ -195,6 +274,7 @@ def build_scorecard(
     seed: int = 0,
     confidence: float = 0.95,
     region: str = "all",
+    block_length: BlockLength = "auto",
 ) -> xr.Dataset:
     """Skill of a model over a reference per metric, variable, lead and region, with bootstrap intervals.
 
@@ -204,10 +284,13 @@ def build_scorecard(
         scorecard covers the model's.
     metrics: default every metric of the model in :data:`DEFAULT_SCORECARD_METRICS`.
     region: name given to the single region of inputs without a ``region`` dim.
+    block_length: of the bootstrap (:func:`paired_bootstrap`); ``"auto"`` chooses one per metric.
     Returns dims (metric, variable, prediction_timedelta, region) with ``skill``, ``lower``, ``upper``,
-    ``p_value``, ``significant`` (bool), ``model_score``, ``reference_score``; attrs name the model and
-    reference, resamples, seed, confidence and number of start times.
+    ``p_value``, ``significant`` (bool), ``model_score``, ``reference_score``, and per metric the bootstrap's
+    ``block_length`` (start times per block); attrs name the model and reference, resamples, seed, confidence,
+    number of start times and the block-length setting.
     """
+    _check_block_length(block_length)
     model = _per_start_scores(model_scores_per_start, name=model_name, region=region)
     reference = _per_start_scores(reference_scores_per_start, name=reference_name, region=region)
     chosen = list(metrics) if metrics is not None else [
@@ -241,8 +324,10 @@ def build_scorecard(
             higher_is_better=spec.higher_is_better,
             perfect_score=spec.perfect_score,
             confidence=confidence,
+            block_length=block_length,
         )
-        cards.append(card.transpose("variable", LEAD, REGION))
+        card = card.transpose("variable", LEAD, REGION)
+        cards.append(card.assign(block_length=card.attrs["block_length"]))
     result = xr.concat(cards, dim=pd.Index(chosen, name="metric"))
     result.attrs = {
         "model": model_name,
@@ -251,6 +336,7 @@ def build_scorecard(
         "seed": seed,
         "confidence": confidence,
         "n_start_times": int(model.sizes[TIME]),
+        "block_length": str(block_length),
         "skill": "1 - |model - perfect| / |reference - perfect|",
     }
     return result
@@ -292,9 +378,10 @@ def scorecard_to_frame(scorecard: xr.Dataset) -> pd.DataFrame:
     """One row per (metric, variable, prediction_timedelta, region) with every scorecard field as a column.
 
     Columns: model, reference, metric, variable, prediction_timedelta, region, skill, lower, upper,
-    p_value, significant, model_score, reference_score.
+    p_value, significant, model_score, reference_score, and block_length when the scorecard has it.
     """
     fields = ["skill", "lower", "upper", "p_value", "significant", "model_score", "reference_score"]
+    fields += ["block_length"] if "block_length" in scorecard.data_vars else []
     frame = scorecard[fields].to_dataframe().reset_index()
     frame.insert(0, "reference", scorecard.attrs.get("reference", ""))
     frame.insert(0, "model", scorecard.attrs.get("model", ""))
@@ -319,6 +406,18 @@ def format_skill(skill: float, significant: bool, *, decimals: int = 1) -> str:
     return f"{percent:+.{decimals}f}%" + ("*" if significant else "")
 
 
+def _blocks_text(scorecard: xr.Dataset) -> str:
+    """``, in blocks of 3 consecutive starts`` (or per metric when they differ); empty for blocks of 1."""
+    if "block_length" not in scorecard.data_vars:
+        return ""
+    lengths = {str(m): int(v) for m, v in zip(scorecard["metric"].values, np.atleast_1d(scorecard["block_length"].values))}
+    if set(lengths.values()) == {1}:
+        return ", one start at a time"
+    if len(set(lengths.values())) == 1:
+        return f", in circular blocks of {next(iter(lengths.values()))} consecutive starts"
+    return ", in circular blocks of consecutive starts: " + ", ".join(f"{m} {n}" for m, n in lengths.items())
+
+
 def scorecard_markdown(scorecard: xr.Dataset, *, decimals: int = 1) -> str:
     """Markdown: per metric and region a table of variables (rows) by leads (columns) of skill in percent.
 
@@ -333,7 +432,8 @@ def scorecard_markdown(scorecard: xr.Dataset, *, decimals: int = 1) -> str:
         "",
         f"Skill = 1 - |{model} - perfect| / |{reference} - perfect|, in percent (positive: {model} is better), "
         f"over {scorecard.attrs.get('n_start_times', '?')} start times. `*`: the {confidence:.0%} paired "
-        f"bootstrap interval ({scorecard.attrs.get('n_resamples', '?')} resamples of start times) excludes 0.",
+        f"bootstrap interval ({scorecard.attrs.get('n_resamples', '?')} resamples of start times"
+        f"{_blocks_text(scorecard)}) excludes 0.",
     ]
     leads = [format_lead(v) for v in scorecard[LEAD].values]
     skipped = []

@@ -51,6 +51,7 @@ from forecasting.verification.gridded import (
 )
 from forecasting.verification.scorecard import (
     DEFAULT_SCORECARD_METRICS,
+    BlockLength,
     build_scorecard,
     scorecard_markdown,
     scorecard_to_frame,
@@ -176,6 +177,7 @@ def verify(
     station_method: str = "bilinear",
     chunk_starts: int = 8,
     n_resamples: int = 1000,
+    bootstrap_block: BlockLength = "auto",
     model_name: str | None = None,
     overwrite: bool = False,
     plots: bool = True,
@@ -184,7 +186,8 @@ def verify(
 
     ``reference`` is one reference or several (e.g. the bilinear interpolation of a coarse model and a
     stretched-grid model's regional output for a downscaled forecast): all are scored, plotted and compared in
-    the spectra; the scorecard is against the first.
+    the spectra; the scorecard is against the first. ``bootstrap_block``: start times per block of the
+    scorecard's bootstrap, or ``"auto"`` (see :mod:`forecasting.verification.scorecard`).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -275,7 +278,7 @@ def verify(
         shared_metrics = [str(x) for x in model_ps[METRIC].values
                           if str(x) in DEFAULT_SCORECARD_METRICS and str(x) in ref_ps[METRIC].values]
         scorecard = build_scorecard(model_ps, ref_ps, model_name=name, reference_name=ref_name,
-                                    metrics=shared_metrics, n_resamples=n_resamples)
+                                    metrics=shared_metrics, n_resamples=n_resamples, block_length=bootstrap_block)
 
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -471,7 +474,8 @@ def _summary(scores: xr.Dataset, scorecard, *, model: str, reference: str | None
     if scorecard is not None:
         lines += ["", f"## Scorecard: {model} against {reference}", "",
                   "Skill in % (positive: better than the reference); * marks a 95% paired-bootstrap interval "
-                  "that excludes 0.", "", scorecard_markdown(scorecard)]
+                  "(start times resampled in blocks; see the scorecard) that excludes 0.", "",
+                  scorecard_markdown(scorecard)]
     pngs = [f for f in files if f.suffix == ".png"]
     if pngs:
         lines += ["", "## Plots", ""]
