@@ -456,10 +456,10 @@ def _score_grid(config: ForecastRunConfig, data: ModelData, grid: str, forecast_
         verify_grid,
     )
     from forecasting.verification.verify import (
-        _open_observations,
-        _regions,
-        _station_scores,
+        open_observations,
         open_truth,
+        scored_regions,
+        station_scores,
     )
 
     truth_path = data.truth[grid]
@@ -468,8 +468,8 @@ def _score_grid(config: ForecastRunConfig, data: ModelData, grid: str, forecast_
     names = check_comparable(forecast, truth, source=str(forecast_path), truth_source=truth_path)
     forecast = forecast[names]
     extra = {k: v.as_tuple() for k, v in config.regions.items()} if is_global(forecast) else None
-    regions = _regions(forecast, extra)
-    observations = _open_observations(config.observations) if config.observations is not None else None
+    regions = scored_regions(forecast, extra)
+    observations = open_observations(config.observations) if config.observations is not None else None
     clim = _read_netcdf(climatology_file) if climatology_file is not None else None
     init, leads = forecast[TIME].values, forecast[LEAD].values
     models: dict[str, xr.Dataset] = {data.name: forecast}
@@ -491,7 +491,7 @@ def _score_grid(config: ForecastRunConfig, data: ModelData, grid: str, forecast_
                               truth_source=truth_path).per_start["score"]
         out.append((model, _label_regions(gridded, grid)))
         if observations is not None:
-            stations = _station_scores(fc, observations, method=config.station_method, chunk_starts=1)
+            stations = station_scores(fc, observations, method=config.station_method, chunk_starts=1)
             if stations is not None:
                 per_start = stations[2].expand_dims({REGION: [STATIONS]}, axis=-1)
                 out.append((model, _label_regions(per_start, grid)))

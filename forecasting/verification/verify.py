@@ -92,7 +92,14 @@ def open_truth(path: str | Path, *, use_dask: bool = True) -> xr.Dataset:
     return streaming_chunks(ds) if use_dask else ds
 
 
-def _open_observations(path: str | Path) -> xr.Dataset:
+def open_observations(path: str | Path) -> xr.Dataset:
+    """Station observations as a (station, time) Dataset: a station Zarr store as it is, or a CSV, Parquet or
+    station netCDF file read and quality-controlled (:mod:`forecasting.data.observations`).
+
+    Raises:
+        SourceError: a store that cannot be opened.
+        SchemaError: a store without a ``station`` dim.
+    """
     from forecasting.data.observations import (
         observations_to_dataset,
         quality_control,
@@ -112,7 +119,10 @@ def _open_observations(path: str | Path) -> xr.Dataset:
     return observations_to_dataset(table)
 
 
-def _regions(forecast: xr.Dataset, extra: Mapping[str, Area] | None) -> dict[str, Area | None]:
+def scored_regions(forecast: xr.Dataset, extra: Mapping[str, Area] | None) -> dict[str, Area | None]:
+    """The areas a forecast is scored over: ``global`` (a global grid) or ``domain`` (a limited area) whole,
+    ``region`` for the box in the forecast's ``region`` attribute (``lat_min,lat_max,lon_min,lon_max``), then
+    ``extra``."""
     regions: dict[str, Area | None] = {"global" if is_global(forecast) else "domain": None}
     box = forecast.attrs.get("region")
     if isinstance(box, str) and box:
@@ -141,8 +151,11 @@ def _select_common(reference: xr.Dataset, forecast: xr.Dataset, *, name: str) ->
     return reference[list(forecast.data_vars)].sel({TIME: starts.values, LEAD: leads.values})
 
 
-def _station_scores(forecast: xr.Dataset, observations: xr.Dataset, *, method: str, chunk_starts: int):
-    """Station scores and per-start scores; deterministic scores from the ensemble mean."""
+def station_scores(forecast: xr.Dataset, observations: xr.Dataset, *, method: str, chunk_starts: int):
+    """Scores of the forecast's surface variables at the stations: ``(scores, station_scores, per_start)``
+    (aggregated, per station, per start time), each with a ``metric`` dim; None when the observations hold
+    none of the forecast's surface variables. Deterministic metrics score the ensemble mean, ensemble metrics
+    the members."""
     surface = [v for v in forecast.data_vars if LEVEL not in forecast[v].dims and v in observations.data_vars]
     if not surface:
         return None
@@ -202,7 +215,7 @@ def verify(
     forecast = open_forecast(forecast_path)
     name = model_name or str(forecast.attrs.get("model", Path(forecast_path).stem))
     truth = open_truth(truth_path, use_dask=False) if truth_path is not None else None
-    observations = _open_observations(observations_path) if observations_path is not None else None
+    observations = open_observations(observations_path) if observations_path is not None else None
     if truth is not None:
         shared = check_comparable(forecast, truth, source=str(forecast_path), truth_source=str(truth_path))
         forecast = forecast[shared]
@@ -213,7 +226,7 @@ def verify(
                 f"{forecast_path} and {observations_path} share no variables: forecast has "
                 f"{sorted(map(str, forecast.data_vars))}, observations have {sorted(map(str, observations.data_vars))}"
             )
-    area_regions = _regions(forecast, regions)
+    area_regions = scored_regions(forecast, regions)
 
     clim_fn = None
     train_period = None
@@ -252,7 +265,7 @@ def verify(
             score_parts[model].append(grid.scores["score"])
             per_start[model].append(grid.per_start["score"])
         if observations is not None:
-            result = _station_scores(fc, observations, method=station_method, chunk_starts=chunk_starts)
+            result = station_scores(fc, observations, method=station_method, chunk_starts=chunk_starts)
             if result is not None:
                 st_scores, st_station, st_per_start = result
                 score_parts[model].append(st_scores.expand_dims({REGION: [STATIONS_REGION]}, axis=-1))
