@@ -98,8 +98,8 @@ def lag1_autocorrelation(series: np.ndarray) -> float:
     """Median over rows of the lag-1 autocorrelation of ``series`` (K, n), ignoring NaNs.
 
     Each row's autocorrelation is ``mean(x_t x_{t+1}) / mean(x_t^2)`` of its anomalies, the first mean over
-    the pairs where both values are finite, the second over the finite values. Rows with fewer than 3 such pairs or no variance are left out; NaN when none is
-    left.
+    the pairs where both values are finite, the second over the finite values. Rows with fewer than 3 such
+    pairs or no variance are left out; NaN when none is left.
     """
     values = np.asarray(series, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] < 2:
@@ -407,7 +407,9 @@ def format_skill(skill: float, significant: bool, *, decimals: int = 1) -> str:
 
 
 def _blocks_text(scorecard: xr.Dataset) -> str:
-    """``, in blocks of 3 consecutive starts`` (or per metric when they differ); empty for blocks of 1."""
+    """How the starts were resampled, for the scorecard's text: ``, one start at a time`` (blocks of 1),
+    ``, in circular blocks of 3 consecutive starts``, or the length of each metric's blocks when they differ;
+    empty for a scorecard without block lengths."""
     if "block_length" not in scorecard.data_vars:
         return ""
     lengths = {str(m): int(v) for m, v in zip(scorecard["metric"].values, np.atleast_1d(scorecard["block_length"].values))}
