@@ -247,8 +247,10 @@ def test_probabilistic_members_differ_and_do_not_depend_on_batching(stores, init
     for grid in (GLOBAL, REGIONAL):
         z = together[grid]["geopotential"].values
         assert np.abs(z[:, :, 0] - z[:, :, 1]).max() > 0 and np.abs(z[:, :, 1] - z[:, :, 2]).max() > 0
-        np.testing.assert_array_equal(z, apart[grid]["geopotential"].values)
-        assert not np.array_equal(z, other[grid]["geopotential"].values)
+        # The same noise whatever the batching; float32 sums over other batch shapes may differ in the last bit.
+        batching = np.abs(z - apart[grid]["geopotential"].values).max()
+        assert batching <= 1e-6 * np.abs(z).max()
+        assert np.abs(z - other[grid]["geopotential"].values).max() > 100 * max(batching, 1e-3)
 
 
 def test_limited_area_strip_takes_boundary_values_from_analysis_or_forecast(stores, initial):

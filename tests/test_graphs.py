@@ -285,6 +285,11 @@ def test_coordinates_round_trip_and_node_features():
     features = node_features(xyz)
     np.testing.assert_allclose(features[1:, 0], np.cos(np.deg2rad(lat[1:])), atol=1e-6)
     np.testing.assert_allclose(features[1:, 1], np.sin(np.deg2rad(lon[1:])), atol=1e-6)
+    # sin(lat) tells the hemispheres apart: mirror points share every other feature.
+    np.testing.assert_allclose(features[:, 3], np.sin(np.deg2rad(lat)), atol=1e-6)
+    mirror = node_features(lat_lon_to_xyz(-lat, lon))
+    np.testing.assert_allclose(mirror[:, :3], features[:, :3], atol=1e-6)
+    np.testing.assert_allclose(mirror[:, 3], -features[:, 3], atol=1e-6)
 
 
 def test_grid_area_weights_follow_cell_areas():

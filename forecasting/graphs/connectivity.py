@@ -202,15 +202,20 @@ def edge_features(senders_xyz: np.ndarray, receivers_xyz: np.ndarray, edges: np.
 
 
 def node_features(xyz: np.ndarray) -> np.ndarray:
-    """Static position features of nodes: ``(cos lat, sin lon, cos lon)``, as GraphCast uses.
+    """Static position features of nodes: ``(cos lat, sin lon, cos lon, sin lat)``.
 
-    Continuous across the dateline and smooth at the poles (where ``cos lat`` is 0 and the longitude terms,
-    undefined there, do not matter much). Args: xyz of shape (N, 3). Returns: shape (N, 3) float32.
+    The first three are GraphCast's; ``sin lat`` tells the hemispheres apart, which ``cos lat`` cannot:
+    the sign of the Coriolis parameter ``f = 2 Omega sin(lat)`` and of the seasons depend on it (anemoi
+    gives its models ``sin`` and ``cos`` of latitude for the same reason). Continuous across the dateline
+    and smooth at the poles (where ``cos lat`` is 0 and the longitude terms, undefined there, do not matter
+    much). Args: xyz of shape (N, 3). Returns: shape (N, 4) float32.
     """
     xyz = np.asarray(xyz, dtype=np.float64)
-    cos_lat = np.hypot(xyz[:, 0], xyz[:, 1])
+    norm = np.linalg.norm(xyz, axis=1)
+    cos_lat = np.hypot(xyz[:, 0], xyz[:, 1]) / norm
+    sin_lat = xyz[:, 2] / norm
     lon = np.arctan2(xyz[:, 1], xyz[:, 0])
-    return np.stack([cos_lat, np.sin(lon), np.cos(lon)], axis=1).astype(np.float32)
+    return np.stack([cos_lat, np.sin(lon), np.cos(lon), sin_lat], axis=1).astype(np.float32)
 
 
 def _cell_bounds(centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -178,9 +178,9 @@ class ForecastGraph:
             (``lat_index * n_lon + lon_index``), to gather a (lat, lon) field into node order.
         data_area_weight: Shape (Nd,) float64, each node's own grid cell area, normalised to mean 1 over
             all data nodes (coarse and regional cells keep their true relative sizes).
-        data_node_features: Shape (Nd, 3) float32, :func:`~forecasting.graphs.connectivity.node_features`.
+        data_node_features: Shape (Nd, 4) float32, :func:`~forecasting.graphs.connectivity.node_features`.
         mesh: The processor's :class:`MeshGraph`.
-        mesh_node_features: Shape (Nm, 3) float32.
+        mesh_node_features: Shape (Nm, 4) float32.
         mesh_edge_features: Shape (Em, 4) float32, :func:`~forecasting.graphs.connectivity.edge_features`.
         encoder_edges: Shape (2, Ee) int64, row 0 data node, row 1 mesh node.
         encoder_edge_features: Shape (Ee, 4) float32.
