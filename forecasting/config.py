@@ -162,6 +162,11 @@ class GraphModelConfig(StrictModel):
     global store every step on a strip ``boundary_width`` grid points wide along the box edges).
     ``region`` is the refinement box; None takes the box covering the regional grid. ``noise_channels``
     > 0 makes the model probabilistic (members from noise, trained with the fair CRPS).
+
+    ``nesting`` (stretched mode) says how the two grids meet in the regional box: ``cutout`` drops the
+    coarse points inside it (Nipen et al.), ``overlap`` keeps them as data nodes too, and ``refine`` keeps
+    them and makes each fine node's tendency the bilinear interpolation of the coarse nodes' tendencies
+    plus the network's own output there, so the fine grid's large scales move with the coarse grid's.
     """
 
     family: Literal["graph"] = "graph"
@@ -181,12 +186,18 @@ class GraphModelConfig(StrictModel):
     noise_channels: int = Field(0, ge=0)
     checkpoint_processor: bool = False
     boundary_width: int = Field(2, ge=1)
+    nesting: Literal["cutout", "overlap", "refine"] = "cutout"
 
     @model_validator(mode="after")
     def _levels(self) -> GraphModelConfig:
         if self.mode != "limited_area" and self.regional_level < self.global_level:
             raise ValueError(
                 f"regional_level ({self.regional_level}) must be >= global_level ({self.global_level})"
+            )
+        if self.nesting != "cutout" and self.mode != "stretched":
+            raise ValueError(
+                f"nesting {self.nesting!r} joins the two grids of the stretched mode; mode {self.mode!r} has one "
+                "grid, so leave nesting at 'cutout'"
             )
         return self
 

@@ -30,7 +30,8 @@ GraphCast (Lam et al. 2023; ``normalization.InputsAndResiduals`` and ``autoregre
 :class:`NodeLayout` is the one adapter between grids and data nodes: it gathers ``(..., C, H, W)`` fields of
 each grid into node order ``(..., N, C)`` with the graph's ``data_grid_index`` and scatters them back,
 filling the coarse points that the stretched graph dropped inside the regional box from the regional
-nodes in their cells. :class:`Channels` turns Datasets into channel stacks and back.
+nodes in their cells (``model.nesting: cutout``, the default; ``overlap`` and ``refine`` keep them as nodes,
+and ``refine`` adds the interpolated coarse tendency to the regional nodes', see :func:`coarse_base`). :class:`Channels` turns Datasets into channel stacks and back.
 
 Families (:data:`FAMILIES`, picked by ``model.family`` in the config): ``graph``
 (:class:`GraphForecaster`: stretched-grid, global or limited-area GNN, deterministic or probabilistic),
@@ -94,6 +95,7 @@ __all__ = [
     "boundary_strip",
     "build_forecaster",
     "check_axis",
+    "coarse_base",
     "draw_noise",
     "member_seed",
     "step_text",
@@ -633,6 +635,33 @@ class GraphStepNetwork(nn.Module):
         return self.network(x, noise).float()
 
 
+def coarse_base(layout: NodeLayout) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear weights from the coarse nodes to the regional nodes: ``(index, weight)``, each (R, 4).
+
+    ``index`` holds node indices of coarse nodes (every coarse grid point must be a node: a graph built
+    with ``keep_coarse_in_region``), row ``r`` belongs to the ``r``-th regional node; weights sum to 1.
+    """
+    if REGIONAL not in layout.grid_names or GLOBAL not in layout.grid_names:
+        raise SchemaError(f"a coarse base for the regional nodes needs both grids; the graph has {layout.grid_names}")
+    coarse = layout.grid(GLOBAL)
+    if len(coarse.fill_points):
+        raise SchemaError(
+            f"a coarse base for the regional nodes needs every coarse grid point as a node; {len(coarse.fill_points)} "
+            "were dropped inside the regional box (build the graph with keep_coarse_in_region=True)"
+        )
+    node_of_point = np.empty(coarse.shape[0] * coarse.shape[1], dtype=np.int64)
+    node_of_point[coarse.grid_index] = np.arange(coarse.nodes.start, coarse.nodes.stop)
+    # bilinear_weights wants ascending axes: interpolate on the sorted latitudes and map rows back.
+    order = np.argsort(coarse.latitude)
+    regional = layout.grid(REGIONAL).nodes
+    index, weight = bilinear_weights(
+        coarse.latitude[order], coarse.longitude, layout.node_latitude[regional], layout.node_longitude[regional],
+        source="coarse grid",
+    )
+    rows, cols = np.divmod(index, len(coarse.longitude))
+    return node_of_point[order[rows] * len(coarse.longitude) + cols], weight
+
+
 class InputsAndResiduals(nn.Module):
     """Normalise the inputs of ``core`` and turn its output into the next state (GraphCast residuals).
 
@@ -640,14 +669,28 @@ class InputsAndResiduals(nn.Module):
     normalised with their own statistics; it returns the normalised tendency ``(B, N, C)``. The next state
     is ``states[:, -1] + output * tendency_std`` in physical units (float32). The statistics are
     non-persistent buffers: a checkpoint stores them once, as :class:`Normalisation`.
+
+    ``regional_base`` (``(index, weight)`` of :func:`coarse_base`) adds to the tendency of the last R nodes
+    (the regional ones) the bilinear interpolation of the coarse nodes' tendencies, so the network's output
+    there is a correction to the coarse grid's motion (``model.nesting: refine``).
     """
 
-    def __init__(self, core: nn.Module, normalisation: Normalisation) -> None:
+    def __init__(
+        self,
+        core: nn.Module,
+        normalisation: Normalisation,
+        *,
+        regional_base: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.core = core
         for name in ("mean", "std", "tendency_std", "static_mean", "static_std"):
             values = torch.as_tensor(np.asarray(getattr(normalisation, name), dtype=np.float32))
             self.register_buffer(name, values, persistent=False)
+        self.has_base = regional_base is not None
+        index, weight = regional_base if regional_base is not None else (np.zeros((0, 4)), np.zeros((0, 4)))
+        self.register_buffer("base_index", torch.as_tensor(np.asarray(index, dtype=np.int64)), persistent=False)
+        self.register_buffer("base_weight", torch.as_tensor(np.asarray(weight, dtype=np.float32)), persistent=False)
 
     def forward(self, inputs: StepInputs) -> Tensor:
         states = inputs.states.float()
@@ -657,6 +700,10 @@ class InputsAndResiduals(nn.Module):
             boundary=None if inputs.boundary is None else (inputs.boundary.float() - self.mean) / self.std,
         )
         tendency = self.core(normalised).float()
+        if self.has_base:
+            n_regional = self.base_index.shape[0]
+            base = (tendency[:, self.base_index] * self.base_weight[:, :, None]).sum(dim=2)  # (B, R, C)
+            tendency = torch.cat([tendency[:, :-n_regional], tendency[:, -n_regional:] + base], dim=1)
         return states[:, -1] + tendency * self.tendency_std
 
 
@@ -1090,7 +1137,8 @@ class GraphForecaster(Forecaster):
             node_flags=self.layout.is_regional[:, None] if two_grids else None,
             boundary_mask=self.strip,
         )
-        step_model: nn.Module = InputsAndResiduals(core, normalisation)
+        base = coarse_base(self.layout) if model_config.nesting == "refine" else None
+        step_model: nn.Module = InputsAndResiduals(core, normalisation, regional_base=base)
         if self.strip is not None:
             step_model = BoundaryOverwrite(step_model, self.strip)
         self.rollout = Rollout(step_model, input_steps=self.input_steps)
@@ -1409,6 +1457,7 @@ def _build_graph(model: GraphModelConfig, stores: Mapping[str, xr.Dataset], path
         encoder_k=model.encoder_k,
         decoder_k=model.decoder_k,
         limited_area=model.mode == "limited_area",
+        keep_coarse_in_region=model.nesting != "cutout",
         **kwargs,
     )
 

@@ -30,6 +30,7 @@ from forecasting.forecasters import (
     bilinear_weights,
     boundary_strip,
     build_forecaster,
+    coarse_base,
 )
 from forecasting.schema import LEAD, MEMBER, TIME, VALID_TIME, validate_forecast
 from forecasting.verification.baselines import climatology, climatology_forecast, persistence_forecast
@@ -276,6 +277,51 @@ def test_limited_area_strip_takes_boundary_values_from_analysis_or_forecast(stor
     np.testing.assert_allclose(got[strip], (coarse[index] * weight).sum(axis=1)[strip], rtol=1e-6)
     with pytest.raises(SchemaError, match="needs a boundary dataset"):
         forecaster.forecast(initial[REGIONAL], steps=1, starts=STARTS[:1])
+
+
+def test_overlap_and_refine_nesting_keep_the_coarse_box_and_refine_adds_the_interpolated_coarse_tendency(
+    stores, initial
+):
+    cutout = build_forecaster(graph_config(stores)).layout
+    for nesting in ("overlap", "refine"):
+        forecaster = build_forecaster(graph_config(stores, model={"nesting": nesting}))
+        layout = forecaster.layout
+        coarse = layout.grid(GLOBAL)
+        # Every coarse point is a node again; the regional nodes are the same as with the cut-out.
+        assert len(coarse.fill_points) == 0 and coarse.nodes.stop == len(COARSE_LAT) * len(COARSE_LON)
+        assert layout.n_nodes == cutout.n_nodes + len(cutout.grid(GLOBAL).fill_points)
+        assert forecaster.graph.description["arguments"]["keep_coarse_in_region"] is True
+        fc = forecaster.forecast(initial, steps=2, starts=STARTS)
+        assert all(np.isfinite(ds["geopotential"].values).all() for ds in fc.values())
+        _silence(forecaster)  # a zero network output persists on both grids, base or not
+        fc = forecaster.forecast(initial, steps=2, starts=STARTS[:1])
+        for grid in (GLOBAL, REGIONAL):
+            np.testing.assert_array_equal(fc[grid]["2m_temperature"].values[0, 1, 0],
+                                          initial[grid]["2m_temperature"].sel(time=STARTS[0]).values)
+
+    # refine: the regional tendency is the network's own plus the bilinear interpolation of the coarse one's.
+    forecaster = build_forecaster(graph_config(stores, model={"nesting": "refine"}))
+    layout, norm = forecaster.layout, forecaster.normalisation
+    regional = layout.is_regional
+    lat, lon = layout.node_latitude, layout.node_longitude
+    linear = torch.from_numpy(np.where(regional, 0.25, 0.01 * lat + 0.002 * lon).astype(np.float32))
+
+    class Probe(torch.nn.Module):
+        def forward(self, inputs: StepInputs) -> torch.Tensor:
+            return linear[None, :, None].expand(inputs.states.shape[0], -1, inputs.states.shape[-1])
+
+    index, weight = coarse_base(layout)
+    np.testing.assert_array_equal(forecaster.rollout.step.base_index.numpy(), index)  # what the model uses
+    step = InputsAndResiduals(Probe(), norm, regional_base=(index, weight))
+    states = torch.zeros(1, 2, layout.n_nodes, len(norm.mean))  # zero: the tendency is the output, exact in float32
+    out = step(StepInputs(states=states, forcings=torch.zeros(1, 3, layout.n_nodes, 4),
+                          static=torch.zeros(1, layout.n_nodes, 2)))
+    tendency = ((out[0] - states[0, -1]) / torch.from_numpy(norm.tendency_std.astype(np.float32))).numpy()
+    want = np.where(regional, 0.25 + 0.01 * lat + 0.002 * lon, 0.01 * lat + 0.002 * lon)
+    np.testing.assert_allclose(tendency, np.repeat(want[:, None], tendency.shape[1], axis=1), rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="nesting 'refine' joins the two grids"):
+        graph_config(stores, model={"mode": "global", "nesting": "refine"})
 
 
 def test_bilinear_weights_reproduce_linear_fields_and_wrap_round_the_globe():

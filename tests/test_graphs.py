@@ -379,6 +379,30 @@ def test_coarse_nodes_inside_the_regional_grid_are_replaced_by_regional_nodes(st
     np.testing.assert_allclose(ratio, 1 / 25, rtol=0.02)
 
 
+def test_keep_coarse_in_region_keeps_every_coarse_node_and_old_descriptions_still_cut_out(stretched_graph):
+    import json
+
+    coarse_lat, coarse_lon = _coarse_axes()
+    regional_lat, regional_lon = _regional_axes(NORDIC)
+    arguments = dict(stretched_graph.description["arguments"], region=NORDIC, keep_coarse_in_region=True)
+    graph = build_forecast_graph(**arguments)
+    coarse = ~graph.data_is_regional
+    np.testing.assert_array_equal(graph.data_grid_index[coarse], np.arange(len(coarse_lat) * len(coarse_lon)))
+    assert graph.data_is_regional.sum() == len(regional_lat) * len(regional_lon)
+    np.testing.assert_array_equal(graph.mesh.edges, stretched_graph.mesh.edges)  # the same mesh
+    np.testing.assert_allclose(graph.data_area_weight.mean(), 1.0)
+    assert np.all(np.bincount(graph.decoder_edges[1], minlength=len(graph.data_xyz)) == 3)
+    rebuilt = build_forecast_graph_from_description(json.loads(json.dumps(graph.description)))
+    np.testing.assert_array_equal(rebuilt.data_grid_index, graph.data_grid_index)
+    # A description written before the option existed rebuilds the cut-out graph it was made from.
+    old = json.loads(json.dumps(stretched_graph.description))
+    del old["arguments"]["keep_coarse_in_region"]
+    np.testing.assert_array_equal(build_forecast_graph_from_description(old).data_xyz, stretched_graph.data_xyz)
+    with pytest.raises(SchemaError, match="keep_coarse_in_region=True needs a regional grid"):
+        build_forecast_graph(coarse_lat=coarse_lat, coarse_lon=coarse_lon, region=None, global_level=2,
+                             regional_level=2, margin_deg=0.0, keep_coarse_in_region=True)
+
+
 def test_npz_round_trip_is_exact_and_needs_no_pickle(stretched_graph, tmp_path):
     path = tmp_path / "graph.npz"
     stretched_graph.to_npz(path)

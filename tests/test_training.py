@@ -125,9 +125,11 @@ class _Persistence(torch.nn.Module):
         return initial[:, -1:].expand(-1, steps, -1, -1)
 
 
-def test_training_reduces_the_loss_and_beats_persistence(stores, tmp_path):
-    config = graph_config(stores, training={"max_steps": 100, "batch_size": 4, "learning_rate": 1e-2,
-                                            "warmup_steps": 5, "val_every": 50, "val_batches": 2})
+@pytest.mark.parametrize("nesting", ["cutout", "refine"])
+def test_training_reduces_the_loss_and_beats_persistence(stores, tmp_path, nesting):
+    config = graph_config(stores, model={"nesting": nesting},
+                          training={"max_steps": 100, "batch_size": 4, "learning_rate": 1e-2,
+                                    "warmup_steps": 5, "val_every": 50, "val_batches": 2})
     torch.manual_seed(0)
     setup = TRAINABLE["graph"](config)
     batch = torch.utils.data.default_collate([setup.val[i] for i in range(len(setup.val))])
@@ -139,6 +141,7 @@ def test_training_reduces_the_loss_and_beats_persistence(stores, tmp_path):
     result = train(config, out_dir=tmp_path / "run", progress=False)
     assert result.global_step == 100
     trained = GraphForecaster.from_checkpoint(load_checkpoint(result.checkpoint))
+    assert trained.model_config.nesting == nesting
     after = loss(trained.rollout)
     assert after < 0.6 * before and after < 0.7 * persistence, (before, after, persistence)
     assert "val/loss" in result.metrics and (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").is_file()

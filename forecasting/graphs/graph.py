@@ -7,7 +7,9 @@ builds all of it from grid coordinates:
 * **data nodes**: the coarse global grid points, then the fine regional grid points. Coarse points inside
   the regional grid's box are dropped when a regional grid is given (as Nipen et al. cut ERA5 out of the
   MEPS domain): otherwise one place would be two data nodes with two different analyses, and the loss would
-  count that area twice. ``data_grid_index`` maps every node back to its row-major position in its own grid;
+  count that area twice. ``keep_coarse_in_region=True`` keeps them (the box is then seen at both
+  resolutions, and a model can predict its large scales on the coarse nodes as everywhere else).
+  ``data_grid_index`` maps every node back to its row-major position in its own grid;
 * **mesh**: the global multi-mesh, the stretched multi-mesh or the limited-area mesh
   (:mod:`forecasting.graphs.stretched`);
 * **encoder** (data -> mesh): ``"radius"`` joins every data node within ``encoder_radius_factor`` times the
@@ -473,6 +475,7 @@ def build_forecast_graph(
     encoder_k: int = 3,
     decoder_k: int = 3,
     limited_area: bool = False,
+    keep_coarse_in_region: bool = False,
 ) -> ForecastGraph:
     """Build data nodes, mesh, encoder and decoder edges and their features (see the module docstring).
 
@@ -492,6 +495,8 @@ def build_forecast_graph(
         encoder_k: Mesh nodes each data node sends to with the knn encoder.
         decoder_k: Mesh nodes each data node receives from.
         limited_area: Use only the regional grid and the limited-area mesh of ``regional_level``.
+        keep_coarse_in_region: Keep the coarse points inside the regional grid's box as data nodes (by
+            default they are dropped). Needs a regional grid; not with ``limited_area``.
 
     Returns:
         A :class:`ForecastGraph` whose ``description`` records these arguments.
@@ -519,6 +524,11 @@ def build_forecast_graph(
         if isinstance(k, bool) or int(k) != k or k < 1:
             raise SchemaError(f"{name} must be an integer >= 1; found {k!r}")
 
+    if keep_coarse_in_region and (limited_area or not has_regional):
+        raise SchemaError(
+            "keep_coarse_in_region=True needs a regional grid and a global mesh (not limited_area); found "
+            f"regional grid: {has_regional}, limited_area: {limited_area}"
+        )
     if limited_area:
         if region is None or not has_regional:
             raise SchemaError("limited_area=True needs a region and a regional grid (regional_lat, regional_lon)")
@@ -542,12 +552,12 @@ def build_forecast_graph(
                 global_level=global_level, regional_level=regional_level, region=region, margin_deg=margin_deg
             )
 
-    # Data nodes: coarse (minus the regional grid's box), then regional; each with its own cell area.
+    # Data nodes: coarse (minus the regional grid's box unless kept), then regional; each with its own cell area.
     xyz_parts, regional_parts, index_parts, area_parts = [], [], [], []
     if not limited_area:
         coarse_xyz = _grid_points(coarse_lat, coarse_lon)
         keep = np.ones(len(coarse_xyz), dtype=bool)
-        if has_regional:
+        if has_regional and not keep_coarse_in_region:
             lat2, lon2 = np.meshgrid(coarse_lat, coarse_lon, indexing="ij")
             keep = ~Region.covering(regional_lat, regional_lon).contains(lat2.ravel(), lon2.ravel())
         kept = np.flatnonzero(keep)
@@ -597,6 +607,7 @@ def build_forecast_graph(
             "encoder_k": int(encoder_k),
             "decoder_k": int(decoder_k),
             "limited_area": bool(limited_area),
+            "keep_coarse_in_region": bool(keep_coarse_in_region),
         },
     }
     return ForecastGraph(
