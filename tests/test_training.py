@@ -184,10 +184,13 @@ def test_init_from_starts_from_a_checkpoints_weights(stores, tmp_path):
     wider = graph_config(stores, model={"hidden": 24}, training={**tune, "init_from": str(base.checkpoint)})
     with pytest.raises(ConfigError, match=r"training.init_from .*model.pt: its network does not match .*other shapes"):
         train(wider, out_dir=tmp_path / "wider", progress=False)
+    refine = graph_config(stores, model={"nesting": "refine"}, training={**tune, "init_from": str(base.checkpoint)})
+    with pytest.raises(ConfigError, match=r"trained with model.nesting 'cutout' and the config asks for 'refine'"):
+        train(refine, out_dir=tmp_path / "refine", progress=False)
     missing = graph_config(stores, training={**tune, "init_from": str(tmp_path / "nope.pt")})
     with pytest.raises(ConfigError, match=r"nope.pt does not exist"):
         train(missing, out_dir=tmp_path / "missing", progress=False)
-    assert not (tmp_path / "wider").exists() and not (tmp_path / "missing").exists()
+    assert not any((tmp_path / name).exists() for name in ("wider", "refine", "missing"))
 
 
 # ----------------------------------------------------------------------------------------------

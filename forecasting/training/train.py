@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -147,12 +148,14 @@ TRAINABLE: dict[str, Callable[[ExperimentConfig], TrainingSetup]] = {
 }
 
 
-def _initialise_weights(model: torch.nn.Module, path: str, *, family: str) -> None:
+def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model_config: Any = None) -> None:
     """Load the weights of the model checkpoint ``path`` (``training.init_from``) into ``model``.
 
     The checkpoint must be of ``family`` and hold exactly the parameters of ``model`` with the same shapes
     (the network sizes of the config); otherwise ConfigError/SourceError name the file and what differs.
-    Graph networks share their weights across nodes, so a checkpoint trained on another mesh or grid loads.
+    Graph networks share their weights across nodes, so a checkpoint trained on another mesh or grid loads;
+    but not across ``model.nesting: refine`` and the others, whose regional outputs mean different things
+    (a correction to the interpolated coarse tendency, or the whole tendency) with the same shapes.
     """
     from forecasting.training.checkpoint import load_checkpoint
 
@@ -160,6 +163,14 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str) -> No
     if not Path(path).is_file():
         raise ConfigError(f"{where} does not exist (a model checkpoint, e.g. runs/NAME/model.pt, is expected)")
     checkpoint = load_checkpoint(path, family=family)
+    if family == "graph" and model_config is not None:
+        theirs = (checkpoint.config.get("model") or {}).get("nesting", "cutout")
+        if (theirs == "refine") != (model_config.nesting == "refine"):
+            raise ConfigError(
+                f"{where} was trained with model.nesting {theirs!r} and the config asks for "
+                f"{model_config.nesting!r}: the network's regional output means another thing in 'refine'; "
+                f"fine-tune with model.nesting: {theirs}"
+            )
     own = model.state_dict()
     missing = sorted(set(own) - set(checkpoint.state_dict))
     unexpected = sorted(set(checkpoint.state_dict) - set(own))
@@ -256,7 +267,7 @@ def train(
         torch.set_num_threads(training.num_threads)
     setup = TRAINABLE[family](config)
     if training.init_from is not None and not resume:  # a resumed run restores its own weights
-        _initialise_weights(setup.model, training.init_from, family=family)
+        _initialise_weights(setup.model, training.init_from, family=family, model_config=config.model)
 
     if manager and not resume:
         if out.exists():
