@@ -31,7 +31,8 @@ GraphCast (Lam et al. 2023; ``normalization.InputsAndResiduals`` and ``autoregre
 each grid into node order ``(..., N, C)`` with the graph's ``data_grid_index`` and scatters them back,
 filling the coarse points that the stretched graph dropped inside the regional box from the regional
 nodes in their cells (``model.nesting: cutout``, the default; ``overlap`` and ``refine`` keep them as nodes,
-and ``refine`` adds the interpolated coarse tendency to the regional nodes', see :func:`coarse_base`). :class:`Channels` turns Datasets into channel stacks and back.
+and ``refine`` adds the interpolated coarse tendency to the regional nodes', see :func:`coarse_base`).
+:class:`Channels` turns Datasets into channel stacks and back.
 
 Families (:data:`FAMILIES`, picked by ``model.family`` in the config): ``graph``
 (:class:`GraphForecaster`: stretched-grid, global or limited-area GNN, deterministic or probabilistic),
