@@ -256,12 +256,17 @@ class OneGridDiffusionConfig(UNetSizesConfig):
 
     ``grid`` picks ``data.global_store`` (periodic in longitude) or ``data.regional_store``; the networks see
     the last ``input_steps`` states; ``member_batch`` samples (start time x member) go through the network at
-    once when forecasting; U-Net sizes as in :class:`UNetSizesConfig`.
+    once when forecasting; U-Net sizes as in :class:`UNetSizesConfig`. ``initial_perturbation`` > 0 perturbs
+    each member's initial states when forecasting (not in training) by a smooth Gaussian random field of
+    ``initial_perturbation`` times each channel's 6-hour tendency std, correlated over ``perturbation_length``
+    grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     """
 
     grid: Literal["global", "regional"] = "global"
     input_steps: int = Field(2, ge=1, le=8)
     member_batch: int = Field(8, ge=1)
+    initial_perturbation: float = Field(0.0, ge=0)
+    perturbation_length: float = Field(3.0, gt=0)
 
 
 class EDMSamplingConfig(StrictModel):

@@ -24,6 +24,7 @@ from forecasting.diffusion.dyffusion import (
     sampling_schedule,
 )
 from forecasting.forecasters import FAMILIES, GLOBAL, build_forecaster
+from forecasting.inference import with_sampling
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
 from forecasting.training.train import TRAINABLE, train
@@ -300,3 +301,26 @@ def test_forecaster_dropout_at_inference_needs_a_forecaster_dropout(stores):
 def test_config_needs_a_sampling_step_per_whole_step(stores):
     with pytest.raises(ConfigError, match=r"sampling_steps \(2\) must be at least the horizon \(3\)"):
         dyffusion_config(stores, model={"sampling_steps": 2})
+
+
+def test_initial_perturbations_add_reproducible_spread_and_none_leaves_the_forecast_alone(trained, analysis):
+    """``--sampling initial_perturbation=A``: each member starts from its own smooth perturbation of the analysis
+    (forecasting.diffusion.perturbations); the same seed gives the same members, and 0 is the checkpoint's
+    forecast exactly."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    plain = DYffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=2, members=4,
+                                                              starts=STARTS, seed=3)
+    zero = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"initial_perturbation": 0.0}))
+    xr.testing.assert_equal(zero.forecast(analysis[GLOBAL], steps=2, members=4, starts=STARTS, seed=3), plain)
+    perturbed = DYffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {"initial_perturbation": 3.0, "perturbation_length": 2.0})
+    )
+    first = perturbed.forecast(analysis[GLOBAL], steps=2, members=4, starts=STARTS, seed=3)
+    xr.testing.assert_equal(perturbed.forecast(analysis[GLOBAL], steps=2, members=4, starts=STARTS, seed=3), first)
+
+    def spread(fc: xr.Dataset) -> float:
+        return float(fc.isel({LEAD: 0}).std(MEMBER).to_array().mean())
+
+    assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
+    with pytest.raises(ConfigError, match="initial_perturbation"):
+        with_sampling(ckpt, {"initial_perturbation": -1.0})

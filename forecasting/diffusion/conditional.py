@@ -67,6 +67,7 @@ from forecasting.diffusion.edm import (
     loss_weight,
     sample_training_sigma,
 )
+from forecasting.diffusion.perturbations import perturb_initial_states
 from forecasting.diffusion.samplers import (
     Generators,
     evaluations,
@@ -108,6 +109,8 @@ __all__ = [
 
 #: Tolerance in degrees when deciding whether longitudes go round the globe (float32 files).
 _CIRCLE_ATOL = 1e-3
+#: Mixed into the member seeds of the initial perturbations, so that they are not the sampler's noise.
+_PERTURBATION_SALT = 0x1A5E_D0C7_9E37_79B9
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,8 +383,18 @@ class OneGridDiffusionForecaster(Forecaster):
             )
         ds = initial[self.grid]
         states, static = self._initial_tensors(ds, starts, members)
-        shape = (len(starts), members, len(self.channels), len(self.latitude), len(self.longitude))
         norm = self.normalisation
+        if self.model_config.initial_perturbation > 0:
+            generators = [
+                torch.Generator(device=self.device).manual_seed(member_seed(seed, start, m) ^ _PERTURBATION_SALT)
+                for start in starts for m in range(members)
+            ]
+            states = perturb_initial_states(
+                states, generators, amplitude=self.model_config.initial_perturbation,
+                length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
+                tendency_scale=torch.as_tensor(norm.tendency_std / norm.std, dtype=torch.float32),
+            )
+        shape = (len(starts), members, len(self.channels), len(self.latitude), len(self.longitude))
         mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=self.device)[:, None, None]
         std = torch.as_tensor(norm.std, dtype=torch.float32, device=self.device)[:, None, None]
         leads = self._sample_leads(states, static, starts=starts, steps=steps, members=members, seed=seed)
