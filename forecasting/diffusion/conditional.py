@@ -385,12 +385,8 @@ class OneGridDiffusionForecaster(Forecaster):
         states, static = self._initial_tensors(ds, starts, members)
         norm = self.normalisation
         if self.model_config.initial_perturbation > 0:
-            generators = [
-                torch.Generator(device=self.device).manual_seed(member_seed(seed, start, m) ^ _PERTURBATION_SALT)
-                for start in starts for m in range(members)
-            ]
             states = perturb_initial_states(
-                states, generators, amplitude=self.model_config.initial_perturbation,
+                states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT), amplitude=self.model_config.initial_perturbation,
                 length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
                 tendency_scale=torch.as_tensor(norm.tendency_std / norm.std, dtype=torch.float32),
             )
@@ -448,11 +444,14 @@ class OneGridDiffusionForecaster(Forecaster):
         values = np.stack([time_forcings(row, self.longitude, len(self.latitude)) for row in times])
         return torch.from_numpy(values).repeat_interleave(members, dim=0).to(self.device)
 
-    def _member_generators(self, starts: pd.DatetimeIndex, members: int, seed: int) -> list[torch.Generator]:
+    def _member_generators(
+        self, starts: pd.DatetimeIndex, members: int, seed: int, *, salt: int = 0
+    ) -> list[torch.Generator]:
         """One generator per sample (start by start, its members in order), seeded by ``(seed, start, member)``
-        so that a member's noise does not depend on the batching."""
+        so that a member's noise does not depend on the batching; a nonzero ``salt`` (XORed into the seed) gives
+        another stream for the same members."""
         return [
-            torch.Generator(device=self.device).manual_seed(member_seed(seed, start, m))
+            torch.Generator(device=self.device).manual_seed(member_seed(seed, start, m) ^ salt)
             for start in starts for m in range(members)
         ]
 
