@@ -260,6 +260,8 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     each member's initial states when forecasting (not in training) by a smooth Gaussian random field of
     ``initial_perturbation`` times each channel's 6-hour tendency std, correlated over ``perturbation_length``
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
+    ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
+    leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
     """
 
     grid: Literal["global", "regional"] = "global"
@@ -267,6 +269,7 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     member_batch: int = Field(8, ge=1)
     initial_perturbation: float = Field(0.0, ge=0)
     perturbation_length: float = Field(3.0, gt=0)
+    perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
 
 
 class EDMSamplingConfig(StrictModel):
@@ -370,7 +373,10 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     ``lookahead_weight`` is the share of the forecaster loss taken by the paper's one-step look-ahead
     term. Sampling (cold sampling) visits ``sampling_steps`` interpolation times per window (None: the
     horizon): the whole steps 0 .. h-1 plus ``sampling_steps - horizon`` extra ones evenly in (0, 1);
-    ``member_batch`` samples (start time x member) per network call.
+    ``member_batch`` samples (start time x member) per network call. ``window_perturbation`` > 0 adds, when
+    forecasting, a fresh smooth random field of that many 6-hour tendency stds (correlated over
+    ``perturbation_length`` cells, as ``initial_perturbation``) to each member's states at the start of every
+    window after the first: spread renewed as the forecast goes on, where the initial perturbations are damped.
     """
 
     family: Literal["dyffusion"] = "dyffusion"
@@ -381,6 +387,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     interpolator_steps: int | None = Field(None, ge=1)
     lookahead_weight: float = Field(0.5, ge=0, lt=1)
     sampling_steps: int | None = Field(None, ge=2)
+    window_perturbation: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _valid(self) -> DYffusionModelConfig:

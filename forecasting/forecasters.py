@@ -171,22 +171,27 @@ class Channels:
     def __len__(self) -> int:
         return len(self.names)
 
+    def per_channel(self, values: Mapping[str, float], *, key: str, default: float = 1.0) -> np.ndarray:
+        """One value per channel (C,), float64, from ``values`` per variable or per channel name (a channel's
+        own value wins over its variable's; ``default`` for the rest). Raises ConfigError naming the config
+        ``key`` and the keys of ``values`` that are neither a variable nor a channel."""
+        names = self.names
+        unknown = sorted(set(values) - set(names) - set(self.variables))
+        if unknown:
+            raise ConfigError(
+                f"{key} names {unknown}, which are neither variables {list(self.variables)} "
+                f"nor channels {list(names)}"
+            )
+        return np.array([values.get(name, values.get(name.split("@")[0], default)) for name in names],
+                        dtype=np.float64)
+
     def loss_weights(self, variable_weights: Mapping[str, float]) -> np.ndarray:
         """Per-channel loss weights (C,), float64, mean 1, from weights per variable or per channel name
         (a channel's own weight wins over its variable's; default 1).
 
         Raises ConfigError naming keys that are neither a variable nor a channel, or when all weights are 0.
         """
-        names = self.names
-        unknown = sorted(set(variable_weights) - set(names) - set(self.variables))
-        if unknown:
-            raise ConfigError(
-                f"training.variable_weights names {unknown}, which are neither variables {list(self.variables)} "
-                f"nor channels {list(names)}"
-            )
-        weights = np.array([
-            variable_weights.get(name, variable_weights.get(name.split("@")[0], 1.0)) for name in names
-        ], dtype=np.float64)
+        weights = self.per_channel(variable_weights, key="training.variable_weights")
         if weights.sum() <= 0:
             raise ConfigError("training.variable_weights leave every channel with weight 0")
         return weights / weights.mean()

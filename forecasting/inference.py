@@ -472,10 +472,11 @@ def predict(
 # The model keys a forecast may change without retraining, per family: how the trained network is sampled.
 SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
     "diffusion": ("sampler", "sampling_steps", "churn", "s_noise", "s_tmin", "s_tmax", "member_batch",
-                  "initial_perturbation", "perturbation_length"),
+                  "initial_perturbation", "perturbation_length", "perturbation_scales"),
     "rolling": ("sampler", "sampling_steps", "init_steps", "member_batch", "initial_perturbation",
-                "perturbation_length"),
-    "dyffusion": ("sampling_steps", "member_batch", "initial_perturbation", "perturbation_length"),
+                "perturbation_length", "perturbation_scales"),
+    "dyffusion": ("sampling_steps", "member_batch", "initial_perturbation", "perturbation_length",
+                  "perturbation_scales", "window_perturbation"),
 }
 
 

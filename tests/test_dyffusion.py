@@ -324,3 +324,58 @@ def test_initial_perturbations_add_reproducible_spread_and_none_leaves_the_forec
     assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
     with pytest.raises(ConfigError, match="initial_perturbation"):
         with_sampling(ckpt, {"initial_perturbation": -1.0})
+
+
+def test_window_perturbations_leave_the_first_window_alone_and_add_spread_after_it(trained, analysis):
+    """``--sampling window_perturbation=A``: a fresh smooth field at the start of every window after the first.
+    The first window's leads are the plain forecast's exactly; later leads spread more, and repeat for a seed."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    steps = 2 * HORIZON
+    plain = DYffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=steps, members=4,
+                                                              starts=STARTS, seed=3)
+    renewed = DYffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {"window_perturbation": 3.0, "perturbation_length": 2.0})
+    )
+    first = renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3)
+    xr.testing.assert_equal(renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3),
+                            first)
+    xr.testing.assert_equal(first.isel({LEAD: slice(0, HORIZON)}), plain.isel({LEAD: slice(0, HORIZON)}))
+
+    def spread(fc: xr.Dataset) -> float:
+        return float(fc.isel({LEAD: HORIZON}).std(MEMBER).to_array().mean())
+
+    assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
+    assert np.isfinite(first.to_array().values).all()
+    with pytest.raises(ConfigError, match="window_perturbation"):
+        with_sampling(ckpt, {"window_perturbation": -1.0})
+
+
+def test_perturbation_scales_set_each_channels_share_and_name_unknown_keys(trained, analysis):
+    """``perturbation_scales`` multiplies the perturbation amplitude per variable or channel (a channel's own
+    value wins); zero everywhere is the plain forecast exactly; unknown names and negative values fail."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    plain = DYffusionForecaster.from_checkpoint(ckpt)
+    variables = plain.channels.variables
+    base = plain.perturbation_scale.numpy()
+    names = plain.channels.names
+    first = names[0]
+    scaled = DYffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {"perturbation_scales": {variables[0]: 0.5, first: 2.0}})
+    )
+    expected = base.copy()
+    expected[[n.split("@")[0] == variables[0] for n in names]] *= 0.5
+    expected[0] = 2.0 * base[0]
+    np.testing.assert_allclose(scaled.perturbation_scale.numpy(), expected, rtol=1e-6)
+
+    off = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {
+        "initial_perturbation": 3.0, "window_perturbation": 3.0, "perturbation_scales": dict.fromkeys(variables, 0.0),
+    }))
+    steps = 2 * HORIZON
+    xr.testing.assert_equal(
+        off.forecast(analysis[GLOBAL], steps=steps, members=2, starts=STARTS, seed=3),
+        plain.forecast(analysis[GLOBAL], steps=steps, members=2, starts=STARTS, seed=3),
+    )
+    with pytest.raises(ConfigError, match=r"model.perturbation_scales names \['not_a_variable'\]"):
+        DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"perturbation_scales": {"not_a_variable": 1.0}}))
+    with pytest.raises(ConfigError, match="perturbation_scales"):
+        with_sampling(ckpt, {"perturbation_scales": {variables[0]: -1.0}})

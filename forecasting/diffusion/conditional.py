@@ -234,6 +234,7 @@ class OneGridDiffusionForecaster(Forecaster):
         self.longitude = np.asarray(longitude, dtype=np.float64)
         self.step = pd.Timedelta(step)
         self.input_steps = model_config.input_steps
+        self.perturbation_scale = self._perturbation_scale()
         self.model = self._network()
 
     @abstractmethod
@@ -241,6 +242,14 @@ class OneGridDiffusionForecaster(Forecaster):
         """The family's torch module; called once, at the end of ``__init__``, after the attributes above are
         set. It also sets the family's own attributes derived from ``model_config`` and raises ConfigError
         naming the key when they are invalid."""
+
+    def _perturbation_scale(self) -> Tensor:
+        """(C,) float32: the normalised size of each channel's perturbation per unit of amplitude, its 6-hour
+        tendency std over its std times ``model.perturbation_scales`` (ConfigError for a key that is neither a
+        variable nor a channel)."""
+        norm = self.normalisation
+        scales = self.channels.per_channel(self.model_config.perturbation_scales, key="model.perturbation_scales")
+        return torch.as_tensor(norm.tendency_std / norm.std * scales, dtype=torch.float32)
 
     def _network_arguments(self) -> dict[str, Any]:
         """The keyword arguments of every family's torch module: ``n_channels``, ``n_forcings``, ``n_static``,
@@ -388,7 +397,7 @@ class OneGridDiffusionForecaster(Forecaster):
             states = perturb_initial_states(
                 states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT), amplitude=self.model_config.initial_perturbation,
                 length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
-                tendency_scale=torch.as_tensor(norm.tendency_std / norm.std, dtype=torch.float32),
+                tendency_scale=self.perturbation_scale,
             )
         shape = (len(starts), members, len(self.channels), len(self.latitude), len(self.longitude))
         mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=self.device)[:, None, None]

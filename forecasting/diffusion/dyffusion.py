@@ -46,6 +46,11 @@ in hours, and see the ``input_steps`` states ending at ``x_t``, the time forcing
 With ``forecaster_dropout_at_inference`` the forecaster's dropout stays on when forecasting too (Monte Carlo
 dropout, a second source of ensemble spread; the paper keeps only the interpolator stochastic).
 
+Renewed perturbations (``window_perturbation`` > 0, ours, not the paper's): at the start of every window after
+the first, each member's states get a fresh smooth Gaussian random field of that many 6-hour tendency stds
+(forecasting.diffusion.perturbations, correlation length ``perturbation_length``), a stochastic forcing renewed
+once per horizon, where perturbations of the initial state alone are damped as the forecast goes on.
+
 Randomness: when forecasting, each sample's dropout masks (both networks') come from its own generator, seeded from
 ``(seed, start time, member, window)``; so forecasts repeat exactly for the same seed, and a member does not
 depend on the batch it was drawn in (``member_batch``). In training, dropout draws from torch's global
@@ -79,6 +84,8 @@ from forecasting.diffusion.conditional import (
     check_one_grid_training,
     one_grid_training_setup,
 )
+from forecasting.diffusion.perturbations import perturb_initial_states
+from forecasting.forecasters import GLOBAL
 from forecasting.models import UNet
 
 if TYPE_CHECKING:
@@ -380,11 +387,33 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                     leads[j - 1].append(state)
             path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
             states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
+            if self.model_config.window_perturbation > 0 and (window + 1) * horizon < steps:
+                states = self._renew_perturbation(states, starts, members, seed, window + 1)
             for j in range(horizon):
                 lead = window * horizon + j
                 if lead >= steps:
                     break
                 yield lead, path[:, j]
+
+    def _renew_perturbation(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int,
+                            window: int) -> Tensor:
+        """``states`` (n_samples, T_in, C, H, W) plus a fresh smooth field per sample of ``window_perturbation``
+        tendency stds (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`), drawn from a
+        generator seeded by ``(seed, start, member, window)`` and salted apart from the dropout masks."""
+        generators = [
+            torch.Generator(device=states.device).manual_seed(
+                _dropout_seed(seed, starts[row // members], row % members, window) ^ _WINDOW_PERTURBATION_SALT
+            )
+            for row in range(states.shape[0])
+        ]
+        return perturb_initial_states(
+            states, generators, amplitude=self.model_config.window_perturbation,
+            length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
+            tendency_scale=self.perturbation_scale,
+        )
+
+
+_WINDOW_PERTURBATION_SALT = 0x3C6E_F372_FE94_F82B
 
 
 def _dropout_seed(seed: int, start: pd.Timestamp, member: int, window: int) -> int:
