@@ -395,7 +395,8 @@ class OneGridDiffusionForecaster(Forecaster):
         norm = self.normalisation
         if self.model_config.initial_perturbation > 0:
             states = perturb_initial_states(
-                states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT), amplitude=self.model_config.initial_perturbation,
+                states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT),
+                amplitude=self.model_config.initial_perturbation,
                 length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
                 tendency_scale=self.perturbation_scale,
             )
