@@ -358,7 +358,6 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
         )
 
     def _sample_leads(self, states, static, *, starts, steps, members, seed) -> Iterator[tuple[int, Tensor]]:
-        device = self.device
         horizon = self.horizon
         groups = self._member_batches(states.shape[0])
         for window in range(math.ceil(steps / horizon)):
@@ -371,14 +370,8 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                 return cache[i]
 
             leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
-            # one dropout generator per sample, seeded from (seed, start, member, window): members do not
-            # depend on how the samples are batched
-            generators = [
-                torch.Generator(device=device).manual_seed(
-                    _dropout_seed(seed, starts[row // members], row % members, window)
-                )
-                for row in range(states.shape[0])
-            ]
+            # one dropout generator per sample: members do not depend on how the samples are batched
+            generators = self._window_generators(starts, members, seed, window)
             for rows in groups:
                 for j, state in self.model.cold_sample(
                     states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
@@ -395,17 +388,22 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                     break
                 yield lead, path[:, j]
 
+    def _window_generators(self, starts: pd.DatetimeIndex, members: int, seed: int, window: int, *,
+                           salt: int = 0) -> list[torch.Generator]:
+        """One generator per sample (start by start, its members in order) for one window, seeded by
+        ``(seed, start, member, window)`` (:func:`_dropout_seed`); a nonzero ``salt`` (XORed into the seed)
+        gives another stream for the same samples."""
+        return [
+            torch.Generator(device=self.device).manual_seed(_dropout_seed(seed, start, m, window) ^ salt)
+            for start in starts for m in range(members)
+        ]
+
     def _renew_perturbation(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int,
                             window: int) -> Tensor:
         """``states`` (n_samples, T_in, C, H, W) plus a fresh smooth field per sample of ``window_perturbation``
         tendency stds (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`), drawn from a
         generator seeded by ``(seed, start, member, window)`` and salted apart from the dropout masks."""
-        generators = [
-            torch.Generator(device=states.device).manual_seed(
-                _dropout_seed(seed, starts[row // members], row % members, window) ^ _WINDOW_PERTURBATION_SALT
-            )
-            for row in range(states.shape[0])
-        ]
+        generators = self._window_generators(starts, members, seed, window, salt=_WINDOW_PERTURBATION_SALT)
         return perturb_initial_states(
             states, generators, amplitude=self.model_config.window_perturbation,
             length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
