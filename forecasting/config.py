@@ -262,10 +262,6 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
     leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
-    ``input_noise`` > 0 (training only) adds white Gaussian noise to each training sample's input states, of a
-    level drawn uniformly from 0 to ``input_noise`` times each channel's 6-hour tendency std, and the targets
-    stay the clean states, so that the networks learn to remove small-scale noise like the noise their own
-    errors feed into a rollout (conditioning augmentation, Ho et al. 2022).
     """
 
     grid: Literal["global", "regional"] = "global"
@@ -274,7 +270,6 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     initial_perturbation: float = Field(0.0, ge=0)
     perturbation_length: float = Field(3.0, gt=0)
     perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
-    input_noise: float = Field(0.0, ge=0)
 
 
 class EDMSamplingConfig(StrictModel):

@@ -183,28 +183,3 @@ def assert_training_is_rejected_before_writing(
     with pytest.raises(error, match=message):
         train(config, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-
-
-def assert_input_noise_reaches_the_training_inputs_only(config: ExperimentConfig, level: float) -> None:
-    """With ``model.input_noise: level`` in ``config``, the family's objective hands noisy input states to the
-    network's conditioning in a training call, and the states as they are in a validation call."""
-    setup = TRAINABLE[config.model.family](config)
-    assert setup.objective.input_noise == level
-    batch = torch.utils.data.default_collate([setup.train[i] for i in range(3)])
-    seen: list[torch.Tensor] = []
-    original = setup.model.conditioning
-
-    def spy(states, forcings, static):
-        seen.append(states.detach().clone())
-        return original(states, forcings, static)
-
-    setup.model.conditioning = spy
-    setup.model.train()
-    setup.objective(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(3))
-    change = (seen[0] - batch["inputs"]) * setup.model.residual_scale  # in tendency stds
-    assert 0 < change.abs().mean() < level and torch.isfinite(change).all()
-    seen.clear()
-    setup.model.eval()
-    with torch.no_grad():
-        setup.objective(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(3))
-    assert seen and all(torch.equal(states, batch["inputs"].float()[: len(states)]) for states in seen)

@@ -21,7 +21,6 @@ from forecasting.diffusion.conditional import (
     ConditionalDiffusion,
     DenoisingObjective,
     DiffusionForecaster,
-    noisy_inputs,
 )
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
@@ -108,47 +107,6 @@ def test_training_target_is_the_residual_in_tendency_std_units(stores):
     raw = forecaster.channels.stack(open_store(stores[0]).isel(time=[6, 7]))  # the window's last input, its target
     want = (raw[1] - raw[0]) / forecaster.normalisation.tendency_std[:, None, None]
     np.testing.assert_allclose(target.numpy(), want, rtol=1e-4, atol=1e-4)
-
-
-def test_input_noise_perturbs_the_inputs_and_takes_the_target_from_them(stores):
-    """``model.input_noise``: each sample's inputs get white noise of a level uniform in [0, input_noise]
-    tendency stds, and the target is the change from the noisy last state, so noise removed is loss lowered."""
-    states = torch.zeros(4000, 2, 3, 1, 1)
-    scale = torch.tensor([2.0, 1.0, 0.5]).view(3, 1, 1)  # std / tendency_std per channel
-    noisy = noisy_inputs(states, scale, 0.3, generator=torch.Generator().manual_seed(0))
-    in_tendency_units = noisy * scale  # uniform level L times N(0, 1): variance E[L^2] = 0.3^2 / 3
-    np.testing.assert_allclose(in_tendency_units.square().mean(dim=(0, 1, 3, 4)).numpy(), 0.03, rtol=0.08)
-    per_sample = in_tendency_units.reshape(4000, -1).abs().amax(dim=1)
-    assert per_sample.max() < 0.3 * 6 and (per_sample < 0.05).any()  # levels from near 0 up
-    again = noisy_inputs(states, scale, 0.3, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(noisy, again)
-
-    diffusion_helpers.assert_input_noise_reaches_the_training_inputs_only(
-        diffusion_config(stores, model={"input_noise": 0.5}), 0.5
-    )
-    # The target is the change from the noisy last state: the states the residual is taken from are the ones
-    # the conditioning saw.
-    setup = TRAINABLE["diffusion"](diffusion_config(stores, model={"input_noise": 0.5}))
-    batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])
-    seen: dict[str, torch.Tensor] = {}
-    residual, conditioning = setup.model.residual, setup.model.conditioning
-
-    def residual_spy(states, next_state):
-        seen["residual"] = states
-        return residual(states, next_state)
-
-    def conditioning_spy(states, *args):
-        seen["conditioning"] = states
-        return conditioning(states, *args)
-
-    setup.model.residual, setup.model.conditioning = residual_spy, conditioning_spy
-    setup.model.train()
-    setup.objective(setup.model, batch, steps=1, generator=torch.Generator().manual_seed(1))
-    assert not torch.equal(seen["residual"], batch["inputs"]) and torch.equal(seen["residual"], seen["conditioning"])
-    plain = TRAINABLE["diffusion"](diffusion_config(stores)).objective
-    assert plain.input_noise == 0.0
-    with pytest.raises(ConfigError, match="input_noise"):
-        diffusion_config(stores, model={"input_noise": -0.1})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -245,12 +245,6 @@ def test_objective_stages_follow_the_step_counter(stores):
         objective(model, batch, steps=2, generator=torch.Generator())
 
 
-def test_input_noise_reaches_the_training_inputs_only(stores):
-    diffusion_helpers.assert_input_noise_reaches_the_training_inputs_only(
-        dyffusion_config(stores, model={"input_noise": 0.4}), 0.4
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Forecasts and checkpoints
 # ----------------------------------------------------------------------------------------------

@@ -165,12 +165,6 @@ def test_objective_noises_each_frame_at_its_local_time_and_weights_frames(stores
         setup.objective(setup.model, batch, steps=2, generator=torch.Generator())
 
 
-def test_input_noise_reaches_the_training_inputs_only(stores):
-    diffusion_helpers.assert_input_noise_reaches_the_training_inputs_only(
-        rolling_config(stores, model={"input_noise": 0.4}), 0.4
-    )
-
-
 # ----------------------------------------------------------------------------------------------
 # Training and forecasts
 # ----------------------------------------------------------------------------------------------

@@ -177,31 +177,16 @@ class OneGridNetwork(nn.Module):
 
 
 class WeightedObjective:
-    """Base of the one-grid objectives: errors are weighted per point by channel times cell area, and the
-    input states may be augmented with noise.
+    """Base of the one-grid objectives: errors are weighted per point by channel times cell area.
 
     Args:
         area_weights: Shape (H,), cell-area weights of the grid's latitudes, mean 1.
         channel_weights: Shape (C,), mean 1.
-        input_noise: The largest level of :func:`noisy_inputs` (tendency stds; 0: inputs as they are), applied
-            by :meth:`inputs` to the batches the objective trains on (not to validation batches).
     """
 
-    def __init__(self, *, area_weights: np.ndarray, channel_weights: np.ndarray, input_noise: float = 0.0) -> None:
-        if input_noise < 0:
-            raise ValueError(f"input_noise must be non-negative; found {input_noise}")
+    def __init__(self, *, area_weights: np.ndarray, channel_weights: np.ndarray) -> None:
         self.area_weights = torch.as_tensor(np.asarray(area_weights, dtype=np.float32))
         self.channel_weights = torch.as_tensor(np.asarray(channel_weights, dtype=np.float32))
-        self.input_noise = float(input_noise)
-
-    def inputs(self, model: OneGridNetwork, batch: Mapping[str, Tensor], *, generator: torch.Generator) -> Tensor:
-        """The batch's normalised input states (B, T_in, C, H, W), with :func:`noisy_inputs` when
-        ``input_noise`` > 0 and ``model`` is training with gradients on (drawing from ``generator``; otherwise
-        nothing is drawn)."""
-        inputs = batch["inputs"].float()
-        if self.input_noise > 0 and model.training and torch.is_grad_enabled():
-            inputs = noisy_inputs(inputs, model.residual_scale, self.input_noise, generator=generator)
-        return inputs
 
     def point_weights(self, device: torch.device) -> Tensor:
         """``channel_weights x area_weights`` on ``device``: (C, H, 1), broadcasting against (..., C, H, W)."""
@@ -547,10 +532,9 @@ def one_grid_training_setup(
     Windows of ``forecaster.input_steps`` states and ``target_steps`` targets of its store for the training and
     validation periods (:class:`~forecasting.data.torch_dataset.WindowDataset`, normalised with the store's
     statistics; SchemaError naming the store and the period when a period holds none); the loss
-    ``objective(area_weights=..., channel_weights=..., input_noise=...)`` with the cell-area weights of the
-    grid's latitudes, the channel weights of ``training.variable_weights`` and ``model.input_noise``; an
-    export writing the forecaster's checkpoint; and a summary of the family, grid, shape, channels and
-    parameter count, updated with ``summary``.
+    ``objective(area_weights=..., channel_weights=...)`` with the cell-area weights of the grid's latitudes and
+    the channel weights of ``training.variable_weights``; an export writing the forecaster's checkpoint; and a
+    summary of the family, grid, shape, channels and parameter count, updated with ``summary``.
     """
     from forecasting.data.torch_dataset import WindowDataset
     from forecasting.training.data import open_training_store
@@ -577,7 +561,6 @@ def one_grid_training_setup(
     loss = objective(
         area_weights=latitude_weights(forecaster.latitude),
         channel_weights=forecaster.channels.loss_weights(training.variable_weights),
-        input_noise=forecaster.model_config.input_noise,
     )
 
     def export(out: Path, metadata: dict) -> Path:
@@ -675,18 +658,6 @@ class ConditionalDiffusion(OneGridNetwork):
         return self.next_state(states, residual)
 
 
-def noisy_inputs(states: Tensor, residual_scale: Tensor, level: float, *, generator: torch.Generator) -> Tensor:
-    """``states`` (B, T_in, C, H, W, normalised) plus white Gaussian noise whose std is, per sample, a level
-    drawn uniformly from ``[0, level]`` times each channel's tendency std (``1 / residual_scale`` in normalised
-    units; ``residual_scale`` of shape (C, 1, 1)). Conditioning augmentation (Ho et al. 2022, "Cascaded
-    Diffusion Models for High Fidelity Image Generation", JMLR 23): trained on such inputs, with the target
-    taken from them, a one-step model learns to remove the noise instead of carrying it forward."""
-    batch = states.shape[0]
-    levels = level * torch.rand((batch,), generator=generator, device=states.device, dtype=states.dtype)
-    noise = torch.randn(states.shape, generator=generator, device=states.device, dtype=states.dtype)
-    return states + noise * levels.view(-1, 1, 1, 1, 1) / residual_scale.to(states.dtype)
-
-
 class DenoisingObjective(WeightedObjective):
     """The EDM loss of a :class:`ConditionalDiffusion` on a batch of WindowDataset windows.
 
@@ -695,15 +666,11 @@ class DenoisingObjective(WeightedObjective):
     with ``normalise=True``). One ``sigma`` per sample from ``generator``, the unreduced loss
     (:func:`~forecasting.diffusion.edm.denoising_loss`) weighted by ``area_weights`` (H,) and
     ``channel_weights`` (C,) (both mean 1) and averaged. The metric ``denoised_rmse`` is the weighted RMSE of
-    the denoised residual (tendency-std units) at the drawn noise levels, from the same network call. With
-    ``input_noise`` > 0 the input states get noise first (:func:`noisy_inputs`) and the target is the change
-    from the noisy last state.
+    the denoised residual (tendency-std units) at the drawn noise levels, from the same network call.
     """
 
-    def __init__(
-        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, edm: EDMConfig, input_noise: float = 0.0
-    ) -> None:
-        super().__init__(area_weights=area_weights, channel_weights=channel_weights, input_noise=input_noise)
+    def __init__(self, *, area_weights: np.ndarray, channel_weights: np.ndarray, edm: EDMConfig) -> None:
+        super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.edm = edm
 
     def __call__(
@@ -712,9 +679,9 @@ class DenoisingObjective(WeightedObjective):
         if steps != 1:
             raise ValueError(f"the diffusion family trains one step at a time; asked for {steps} steps")
         assert isinstance(model, ConditionalDiffusion)
-        inputs, targets = self.inputs(model, batch, generator=generator), batch["targets"].float()
+        inputs, targets = batch["inputs"].float(), batch["targets"].float()
         batch_size, steps_in = inputs.shape[:2]
-        x0 = model.residual(inputs, targets[:, 0])  # (B, C, H, W), from the (noisy) last state
+        x0 = model.residual(inputs, targets[:, 0])  # (B, C, H, W)
         condition = model.conditioning(inputs, batch["forcings"][:, : steps_in + 1], batch["static"])
         sigma = sample_training_sigma(batch_size, self.edm, generator=generator, device=inputs.device)
         per_point = denoising_loss(

@@ -255,14 +255,13 @@ class DYffusionObjective(WeightedObjective):
     """
 
     def __init__(
-        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float,
-        input_noise: float = 0.0,
+        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float
     ) -> None:
         if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0:
             raise ValueError(
                 f"need interpolator_steps >= 1 and 0 <= lookahead_weight < 1; found {interpolator_steps}, {lookahead_weight}"
             )
-        super().__init__(area_weights=area_weights, channel_weights=channel_weights, input_noise=input_noise)
+        super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
 
@@ -279,7 +278,7 @@ class DYffusionObjective(WeightedObjective):
         stage = self.stage(model)
         if model.training and torch.is_grad_enabled():
             model.trained_steps += 1
-        inputs, targets = self.inputs(model, batch, generator=generator), batch["targets"].float()
+        inputs, targets = batch["inputs"].float(), batch["targets"].float()
         batch_size, steps_in = inputs.shape[:2]
         horizon = model.horizon
         if targets.shape[1] != horizon:

@@ -262,13 +262,12 @@ class RollingObjective(WeightedObjective):
         channel_weights: np.ndarray,
         init_fraction: float,
         lognormal: tuple[float, float] | None = None,
-        input_noise: float = 0.0,
     ) -> None:
         if not 0.0 <= init_fraction <= 1.0:
             raise ValueError(f"init_fraction must be in [0, 1]; found {init_fraction}")
         if lognormal is not None and not lognormal[1] > 0:
             raise ValueError(f"the log-normal weighting needs P_std > 0; found {lognormal}")
-        super().__init__(area_weights=area_weights, channel_weights=channel_weights, input_noise=input_noise)
+        super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.init_fraction = float(init_fraction)
         self.lognormal = lognormal
 
@@ -278,7 +277,7 @@ class RollingObjective(WeightedObjective):
         if steps != 1:
             raise ValueError(f"the rolling family trains on windows, without rollouts; asked for {steps} steps")
         assert isinstance(model, RollingDiffusion)
-        inputs, targets = self.inputs(model, batch, generator=generator), batch["targets"].float()
+        inputs, targets = batch["inputs"].float(), batch["targets"].float()
         batch_size, steps_in = inputs.shape[:2]
         if targets.shape[1] != model.window:
             raise ValueError(f"a window of {model.window} frames needs {model.window} targets; found {targets.shape[1]}")
