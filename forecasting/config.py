@@ -262,6 +262,10 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
     leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
+    ``spectral_filter_hours`` (forecasting only; global grid only; None: off) damps the forecast's change since
+    its initial state at every lead with hyperdiffusion of order ``spectral_filter_order`` whose e-folding time
+    at the grid's smallest resolved scale is ``spectral_filter_hours`` (forecasting.models.spectral_filter):
+    it takes away the small-scale power a rollout piles up.
     """
 
     grid: Literal["global", "regional"] = "global"
@@ -270,6 +274,8 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     initial_perturbation: float = Field(0.0, ge=0)
     perturbation_length: float = Field(3.0, gt=0)
     perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    spectral_filter_hours: float | None = Field(None, gt=0)
+    spectral_filter_order: int = Field(4, ge=1, le=8)
 
 
 class EDMSamplingConfig(StrictModel):

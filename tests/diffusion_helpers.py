@@ -183,3 +183,34 @@ def assert_training_is_rejected_before_writing(
     with pytest.raises(error, match=message):
         train(config, out_dir=tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def assert_spectral_filter_damps_the_change_since_the_start(
+    family: type[OneGridDiffusionForecaster], checkpoint: Path, initial: xr.Dataset, *, steps: int
+) -> None:
+    """``--sampling spectral_filter_hours``: the forecast's change since its initial state loses power at the
+    grid's smaller scales against the same forecast without the filter (same seed); it needs the global grid."""
+    from forecasting.inference import with_sampling
+    from forecasting.models import SpectralFilter
+
+    ckpt = load_checkpoint(checkpoint)
+    plain = family.from_checkpoint(ckpt)
+    damped = family.from_checkpoint(with_sampling(ckpt, {"spectral_filter_hours": 6.0, "spectral_filter_order": 2}))
+    assert plain.spectral_filter is None and isinstance(damped.spectral_filter, SpectralFilter)
+    forecasts = [f.forecast(initial, steps=steps, members=2, starts=STARTS, seed=5) for f in (plain, damped)]
+    transform = damped.spectral_filter.sht
+    small = slice(transform.lmax // 2, None)
+
+    def small_scale_power(fc: xr.Dataset) -> float:
+        total = 0.0
+        for name, field in fc.data_vars.items():
+            start = initial[name].sel({TIME: fc[TIME]}).compute()
+            change = (field.compute() - start).transpose(..., "latitude", "longitude")
+            assert np.isfinite(change.values).all()
+            coefficients = transform(torch.as_tensor(change.values, dtype=torch.float32))
+            total += float(coefficients[..., small, :].abs().square().mean()) / float(initial[name].var())
+        return total
+
+    before, after = (small_scale_power(fc) for fc in forecasts)
+    assert after < 0.7 * before, (before, after)
+    assert forecasts[1].sizes == forecasts[0].sizes

@@ -120,6 +120,14 @@ def test_predict_writes_the_forecast_layout_with_distinct_reproducible_members(t
     assert fc["2m_temperature"].attrs["units"] == "K"
 
 
+def test_spectral_filter_damps_the_small_scales_of_the_change_and_needs_the_global_grid(trained, analysis, stores):
+    diffusion_helpers.assert_spectral_filter_damps_the_change_since_the_start(
+        DiffusionForecaster, trained["checkpoint"], analysis[GLOBAL], steps=3
+    )
+    with pytest.raises(ConfigError, match="spectral_filter_hours needs the global grid"):
+        build_forecaster(diffusion_config(stores, model={"grid": "regional", "spectral_filter_hours": 12.0}))
+
+
 def test_members_do_not_depend_on_the_batching(trained, analysis):
     forecaster = DiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
     together = assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=2)

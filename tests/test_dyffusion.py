@@ -350,6 +350,12 @@ def test_window_perturbations_leave_the_first_window_alone_and_add_spread_after_
         with_sampling(ckpt, {"window_perturbation": -1.0})
 
 
+def test_spectral_filter_damps_the_small_scales_of_the_change(trained, analysis):
+    diffusion_helpers.assert_spectral_filter_damps_the_change_since_the_start(
+        DYffusionForecaster, trained["checkpoint"], analysis[GLOBAL], steps=2 * HORIZON
+    )
+
+
 def test_perturbation_scales_set_each_channels_share_and_name_unknown_keys(trained, analysis):
     """``perturbation_scales`` multiplies the perturbation amplitude per variable or channel (a channel's own
     value wins); zero everywhere is the plain forecast exactly; unknown names and negative values fail."""

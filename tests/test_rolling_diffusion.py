@@ -184,6 +184,12 @@ def test_predict_writes_distinct_reproducible_members_past_the_training_window(t
     np.testing.assert_array_equal(fc[LEAD].values, pd.to_timedelta(6 * np.arange(1, steps + 1), unit="h").values)
 
 
+def test_spectral_filter_damps_the_small_scales_of_the_change(trained, analysis):
+    diffusion_helpers.assert_spectral_filter_damps_the_change_since_the_start(
+        RollingDiffusionForecaster, trained["checkpoint"], analysis[GLOBAL], steps=3
+    )
+
+
 def test_members_do_not_depend_on_the_batching(trained, analysis):
     forecaster = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
     assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=4)

@@ -86,7 +86,7 @@ from forecasting.forecasters import (
     member_seed,
     step_text,
 )
-from forecasting.models import UNet
+from forecasting.models import SpectralFilter, UNet
 from forecasting.schema import LAT, LON, TIME
 from forecasting.weights import latitude_weights
 
@@ -235,6 +235,7 @@ class OneGridDiffusionForecaster(Forecaster):
         self.step = pd.Timedelta(step)
         self.input_steps = model_config.input_steps
         self.perturbation_scale = self._perturbation_scale()
+        self.spectral_filter = self._spectral_filter()
         self.model = self._network()
 
     @abstractmethod
@@ -250,6 +251,28 @@ class OneGridDiffusionForecaster(Forecaster):
         norm = self.normalisation
         scales = self.channels.per_channel(self.model_config.perturbation_scales, key="model.perturbation_scales")
         return torch.as_tensor(norm.tendency_std / norm.std * scales, dtype=torch.float32)
+
+    def _spectral_filter(self) -> SpectralFilter | None:
+        """The damping of ``model.spectral_filter_hours`` (None when unset); ConfigError on a regional grid."""
+        hours = self.model_config.spectral_filter_hours
+        if hours is None:
+            return None
+        if self.grid != GLOBAL:
+            raise ConfigError(
+                "model.spectral_filter_hours needs the global grid (spherical harmonics); this model forecasts "
+                f"the {self.grid} grid"
+            )
+        return SpectralFilter(
+            len(self.latitude), len(self.longitude), e_folding_steps=hours / (self.step / pd.Timedelta(hours=1)),
+            order=self.model_config.spectral_filter_order,
+        )
+
+    def _damped(self, state: Tensor, origin: Tensor, steps: float = 1.0) -> Tensor:
+        """``origin + D(state - origin)``: ``state`` (B, C, H, W, normalised) with its change since ``origin``
+        (B, C, H, W) damped over ``steps`` steps by :attr:`spectral_filter`; ``state`` itself when there is none."""
+        if self.spectral_filter is None:
+            return state
+        return origin + self.spectral_filter(state - origin, steps)
 
     def _network_arguments(self) -> dict[str, Any]:
         """The keyword arguments of every family's torch module: ``n_channels``, ``n_forcings``, ``n_static``,
@@ -273,6 +296,8 @@ class OneGridDiffusionForecaster(Forecaster):
     def to(self, device: torch.device | str) -> Self:
         """Move the model to ``device`` (in place); returns self."""
         self.model.to(device)
+        if self.spectral_filter is not None:
+            self.spectral_filter.to(device)
         return self
 
     # -- construction ----------------------------------------------------------------------------
@@ -727,7 +752,7 @@ class DiffusionForecaster(OneGridDiffusionForecaster):
             device=device,
         )
         s_tmax = float("inf") if config.s_tmax is None else config.s_tmax
-        window = states  # (n_samples, T_in, C, H, W)
+        window, origin = states, states[:, -1]  # (n_samples, T_in, C, H, W), (n_samples, C, H, W)
         for k in range(steps):
             forcing = self._forcings(starts, members, ahead=(1,), later=k)  # input times and the target time
             parts = []
@@ -741,7 +766,7 @@ class DiffusionForecaster(OneGridDiffusionForecaster):
                     noise=noise, sigmas=sigmas, method=config.sampler, churn=config.churn,
                     s_tmin=config.s_tmin, s_tmax=s_tmax, s_noise=config.s_noise, generator=generators[rows],
                 ))
-            state = torch.cat(parts)  # (n_samples, C, H, W), normalised
+            state = self._damped(torch.cat(parts), origin)  # (n_samples, C, H, W), normalised
             window = torch.cat([window[:, 1:], state[:, None]], dim=1)
             yield k, state
 

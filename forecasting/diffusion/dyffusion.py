@@ -360,6 +360,7 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
     def _sample_leads(self, states, static, *, starts, steps, members, seed) -> Iterator[tuple[int, Tensor]]:
         horizon = self.horizon
         groups = self._member_batches(states.shape[0])
+        origin = states[:, -1]
         for window in range(math.ceil(steps / horizon)):
             cache: dict[float, Tensor] = {}
 
@@ -378,7 +379,9 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
                     lambda i, rows=rows: window_forcings(i)[rows], self.schedule, generators[rows],
                 ):
                     leads[j - 1].append(state)
-            path = torch.stack([torch.cat(parts) for parts in leads], dim=1)  # (n_samples, h, C, H, W)
+            # (n_samples, h, C, H, W); with a spectral filter, the change since the forecast's start damped over
+            # the steps since the window's start (the start state's own change already damped before)
+            path = torch.stack([self._damped(torch.cat(parts), origin, j + 1) for j, parts in enumerate(leads)], dim=1)
             states = torch.cat([states, path], dim=1)[:, -self.input_steps :]
             if self.model_config.window_perturbation > 0 and (window + 1) * horizon < steps:
                 states = self._renew_perturbation(states, starts, members, seed, window + 1)

@@ -341,6 +341,7 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
             return sigma_max * standard_normal(shape, generators[rows], device=device, dtype=torch.float32)
 
         frames = [fresh(rows, window) for rows in groups]
+        origin = states[:, -1]
         for k in range(steps):
             # Pass k: the input times and the window's frame times, k steps on from the first pass.
             forcing = self._forcings(starts, members, ahead=range(1, window + 1), later=k)
@@ -356,7 +357,7 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
                     frames[g], condition, init=k == 0, steps=passes, method=config.sampler
                 )
                 emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
-            state = torch.cat(emitted)  # (n_samples, C, H, W), normalised
+            state = self._damped(torch.cat(emitted), origin)  # (n_samples, C, H, W), normalised
             states = torch.cat([states[:, 1:], state[:, None]], dim=1)
             yield k, state
 
