@@ -577,9 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", action="append", metavar="KEY=VALUE",
                    help="diffusion families: a sampler setting replacing the checkpoint's for this forecast "
                    "(sampler, sampling_steps, churn, s_noise, s_tmin, s_tmax, init_steps, member_batch, as the "
-                   "family has them; initial_perturbation, perturbation_length, perturbation_scales for all three; "
-                   "window_perturbation for dyffusion); repeatable, values in YAML, e.g. "
-                   "'perturbation_scales={2m_temperature: 0}'")
+                   "family has them; initial_perturbation, perturbation_length, perturbation_scales, "
+                   "spectral_filter_hours, spectral_filter_order for all three; window_perturbation for dyffusion); "
+                   "repeatable, values in YAML, e.g. 'perturbation_scales={2m_temperature: 0}' or "
+                   "spectral_filter_hours=null")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
     p.set_defaults(func=_cmd_predict)
 
