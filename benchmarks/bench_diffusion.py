@@ -25,7 +25,10 @@ Side by side, on the same inputs and the defaults of their configs (``--steps`` 
   one cold-sampling pass gives all ``h`` leads of a window; per grid a line ``"benchmark": "dyffusion_sampling"``
   with ``forecaster_evaluations`` and ``interpolator_evaluations`` per pass (checked against
   :func:`~forecasting.diffusion.dyffusion.network_evaluations`), ``network_evaluations`` per lead (the pass's
-  over ``h``) and ``seconds_per_member_lead`` (the pass's time over ``h``).
+  over ``h``) and ``seconds_per_member_lead`` (the pass's time over ``h``);
+* ``spectral_filter`` (:class:`~forecasting.models.SpectralFilter`, the global grid only): the damping every
+  family applies to each lead with ``spectral_filter_hours`` set; a line ``"benchmark": "spectral_filter"`` with
+  ``seconds_per_member_lead`` (one filter call on the members' 4 channels, no network).
 
 Usage:
 
@@ -51,6 +54,7 @@ from forecasting.diffusion.dyffusion import DYffusion, network_evaluations, samp
 from forecasting.diffusion.edm import EDMConfig
 from forecasting.diffusion.rolling import ROLLING_SAMPLERS, RollingDiffusion, RollingSchedule
 from forecasting.diffusion.samplers import SAMPLERS, evaluations, karras_sigmas
+from forecasting.models import SpectralFilter
 
 #: Quickstart grids: name -> (latitudes, periodic in longitude).
 GRIDS = {
@@ -59,7 +63,7 @@ GRIDS = {
 }
 WIDTHS = {"global": 64, "regional": 22}
 CHANNELS, FORCINGS, STATIC, INPUT_STEPS = 4, 4, 2, 2
-FAMILIES = ("diffusion", "rolling", "dyffusion")
+FAMILIES = ("diffusion", "rolling", "dyffusion", "spectral_filter")
 
 
 def build(grid: str, device: torch.device) -> ConditionalDiffusion:
@@ -253,6 +257,20 @@ def run_dyffusion(grid: str, *, members: int, repeats: int, device: torch.device
     }
 
 
+def run_spectral_filter(*, members: int, repeats: int, device: torch.device) -> dict:
+    latitude, _ = GRIDS["global"]
+    height, width = len(latitude), WIDTHS["global"]
+    filt = SpectralFilter(height, width, e_folding_steps=2.0).to(device)
+    fields = torch.randn(members, 4, height, width, device=device)
+    _timed(lambda: filt(fields), device)  # warm-up
+    times = [_timed(lambda: filt(fields), device) for _ in range(repeats)]
+    return {
+        "benchmark": "spectral_filter", "grid": "global", "shape": [height, width], "members": members,
+        "device": str(device), "threads": torch.get_num_threads(),
+        "seconds_per_member_lead": round(statistics.median(times) / members, 6), "repeats": repeats,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -261,7 +279,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--grid", choices=sorted(GRIDS), action="append", help="grids (default: both)")
-    parser.add_argument("--family", choices=FAMILIES, action="append", help="families (default: all three)")
+    parser.add_argument("--family", choices=FAMILIES, action="append", help="families, and the spectral filter (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -278,6 +296,9 @@ def main() -> None:
                                              device=device)), flush=True)
         if "dyffusion" in families:
             print(json.dumps(run_dyffusion(grid, members=args.members, repeats=args.repeats, device=device)),
+                  flush=True)
+        if "spectral_filter" in families and grid == "global":
+            print(json.dumps(run_spectral_filter(members=args.members, repeats=args.repeats, device=device)),
                   flush=True)
 
 
