@@ -189,7 +189,7 @@ def assert_spectral_filter_damps_the_change_since_the_start(
     family: type[OneGridDiffusionForecaster], checkpoint: Path, initial: xr.Dataset, *, steps: int
 ) -> None:
     """``--sampling spectral_filter_hours``: the forecast's change since its initial state loses power at the
-    grid's smaller scales against the same forecast without the filter (same seed); it needs the global grid."""
+    grid's smaller scales against the same forecast without the filter (same seed)."""
     from forecasting.inference import with_sampling
     from forecasting.models import SpectralFilter
 
