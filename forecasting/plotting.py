@@ -799,7 +799,11 @@ def _wavelength_axis(ax: Axes, wavenumber: np.ndarray, wavelength_km: np.ndarray
         return np.where(x > 0, c / np.where(x > 0, x, 1.0), np.inf)
 
     secondary = ax.secondary_xaxis("top", functions=(reciprocal, reciprocal))
+    # labels at 1, 2 and 5 times powers of ten only: a band spanning less than two decades would otherwise get
+    # matplotlib's labelled minor ticks, which overlap
+    secondary.xaxis.set_major_locator(mticker.LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
     secondary.xaxis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    secondary.xaxis.set_minor_formatter(mticker.NullFormatter())
     secondary.set_xlabel("wavelength (km)")
 
 
