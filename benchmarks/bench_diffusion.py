@@ -279,7 +279,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--grid", choices=sorted(GRIDS), action="append", help="grids (default: both)")
-    parser.add_argument("--family", choices=FAMILIES, action="append", help="families, and the spectral filter (default: all)")
+    parser.add_argument("--family", choices=FAMILIES, action="append",
+                        help="families, and the spectral filter (default: all)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

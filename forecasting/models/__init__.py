@@ -13,6 +13,6 @@ from forecasting.models.spectral_filter import SpectralFilter
 from forecasting.models.unet import UNet
 
 __all__ = [
-    "MLP", "ConditionalLayerNorm", "EncodeProcessDecode", "GraphTensors", "InteractionNetwork", "SpectralFilter", "UNet",
-    "graph_tensors",
+    "MLP", "ConditionalLayerNorm", "EncodeProcessDecode", "GraphTensors", "InteractionNetwork", "SpectralFilter",
+    "UNet", "graph_tensors",
 ]
