@@ -226,6 +226,35 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote forecast {out}: {len(starts)} start times x {args.steps} leads x {args.members} members")
 
 
+def _cmd_check_denoiser(args: argparse.Namespace) -> None:
+    import torch
+
+    from forecasting.diffusion.diagnostics import check_checkpoint
+
+    if args.samples < 1:
+        raise ForecastingError(f"--samples must be >= 1; got {args.samples}")
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise ForecastingError(f"{args.out} already exists; pass --overwrite to replace it")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sampling = _key_values(args.sampling, option="--sampling", cast=_yaml_value)
+    table = check_checkpoint(args.checkpoint, store=args.store, period=tuple(args.period) if args.period else None,
+                             samples=args.samples, seed=args.seed, sampling=sampling)
+    if args.out:
+        out = Path(args.out)
+        partial = out.with_name(out.name + ".partial")
+        table.to_csv(partial, index=False)
+        partial.replace(out)
+    for column, what in (("noise_left", "share of the noise power left at the smallest quarter of zonal scales"),
+                         ("small_scale_error", "small-scale error power of the denoised estimate / the target's")):
+        wide = table.pivot_table(index=["frame", "step", "sigma"], columns="channel", values=column, sort=False)
+        print(f"{column}: {what}")
+        print(wide.to_string(float_format=lambda v: f"{v:.3g}"))
+        print()
+    if args.out:
+        print(f"wrote {args.out}")
+
+
 def _cmd_regrid(args: argparse.Namespace) -> None:
     from forecasting.inference import regrid_forecast
 
@@ -576,13 +605,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: one per core; 1 is often faster on a busy machine)")
     p.add_argument("--sampling", action="append", metavar="KEY=VALUE",
                    help="diffusion families: a sampler setting replacing the checkpoint's for this forecast "
-                   "(sampler, sampling_steps, churn, s_noise, s_tmin, s_tmax, init_steps, member_batch, as the "
-                   "family has them; initial_perturbation, perturbation_length, perturbation_scales, "
-                   "spectral_filter_hours, spectral_filter_order for all three; window_perturbation for dyffusion); "
+                   "(sampler, sampling_steps, churn, s_noise, s_tmin, s_tmax, init_steps, member_batch, and the "
+                   "conditional family's schedule sigma_min, sigma_max, rho, as the family has them; "
+                   "initial_perturbation, perturbation_length, perturbation_scales, spectral_filter_hours, spectral_filter_order for all three; window_perturbation for dyffusion); "
                    "repeatable, values in YAML, e.g. 'perturbation_scales={2m_temperature: 0}' or "
                    "spectral_filter_hours=null")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser(
+        "check-denoiser",
+        help="how much noise a diffusion model's denoiser leaves at each noise level its sampler visits",
+        description="Noise validation windows at each noise level the sampler of CKPT visits (the conditional "
+        "family's EDM schedule; each frame's level at each step of a rolling pass), denoise them and print, per "
+        "channel, the share of the noise power the denoiser leaves at the smallest quarter of the zonal scales "
+        "(1: none removed) and the denoised estimate's small-scale error against the target's power there. "
+        "Noise left at the last levels stays in every forecast state.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a diffusion or rolling model.pt")
+    p.add_argument("--store", metavar="STORE.zarr", help="windows from this store (default: the model's own)")
+    p.add_argument("--period", nargs=2, metavar=("START", "END"),
+                   help="windows within these times (default: the config's validation period)")
+    p.add_argument("--samples", type=int, default=16, help="windows, evenly spread (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default %(default)s)")
+    p.add_argument("--sampling", action="append", metavar="KEY=VALUE",
+                   help="a sampler setting replacing the checkpoint's, as for forecast predict (e.g. sigma_min=0.1 "
+                   "for the diffusion family); repeatable")
+    p.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    p.add_argument("--out", metavar="FILE.csv", help="also write the table as CSV")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing FILE.csv")
+    p.set_defaults(func=_cmd_check_denoiser)
 
     p = sub.add_parser(
         "regrid",

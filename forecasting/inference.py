@@ -471,9 +471,9 @@ def predict(
 
 # The model keys a forecast may change without retraining, per family: how the trained network is sampled.
 SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
-    "diffusion": ("sampler", "sampling_steps", "churn", "s_noise", "s_tmin", "s_tmax", "member_batch",
-                  "initial_perturbation", "perturbation_length", "perturbation_scales", "spectral_filter_hours",
-                  "spectral_filter_order"),
+    "diffusion": ("sampler", "sampling_steps", "sigma_min", "sigma_max", "rho", "churn", "s_noise", "s_tmin",
+                  "s_tmax", "member_batch", "initial_perturbation", "perturbation_length", "perturbation_scales",
+                  "spectral_filter_hours", "spectral_filter_order"),
     "rolling": ("sampler", "sampling_steps", "init_steps", "member_batch", "initial_perturbation",
                 "perturbation_length", "perturbation_scales", "spectral_filter_hours", "spectral_filter_order"),
     "dyffusion": ("sampling_steps", "member_batch", "initial_perturbation", "perturbation_length",

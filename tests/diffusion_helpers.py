@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import xarray as xr
@@ -214,3 +215,26 @@ def assert_spectral_filter_damps_the_change_since_the_start(
     before, after = (small_scale_power(fc) for fc in forecasts)
     assert after < 0.7 * before, (before, after)
     assert forecasts[1].sizes == forecasts[0].sizes
+
+
+def assert_check_denoiser_reports_the_noise_left(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, *, sampling: list[str] = ()
+) -> pd.DataFrame:
+    """``forecast check-denoiser`` on a trained ``checkpoint``: the tables go to the terminal and the CSV, and the
+    denoiser takes out nearly all the noise at its highest level and less of it at its lowest (over all frames
+    of a rolling window). ``sampling``: ``KEY=VALUE`` settings passed with ``--sampling``. Returns the table."""
+    from forecasting.diffusion.diagnostics import CHECK_COLUMNS
+
+    out = tmp_path / "check.csv"
+    args = ["check-denoiser", "--checkpoint", str(checkpoint), "--samples", "4", "--out", str(out)]
+    for setting in sampling:
+        args += ["--sampling", setting]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "noise_left" in printed and "small_scale_error" in printed and str(out) in printed
+    table = pd.read_csv(out)
+    assert list(table.columns) == list(CHECK_COLUMNS) and not list(tmp_path.glob("*.partial"))
+    for _, rows in table.groupby("channel"):
+        highest, lowest = rows.loc[rows.sigma.idxmax()], rows.loc[rows.sigma.idxmin()]
+        assert highest.noise_left < 0.1 < lowest.noise_left, rows
+    return table

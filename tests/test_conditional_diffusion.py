@@ -30,6 +30,7 @@ from forecasting.training.train import TRAINABLE
 from tests import diffusion_helpers
 from tests.diffusion_helpers import (
     STARTS,
+    assert_check_denoiser_reports_the_noise_left,
     assert_checkpoint_of_another_family_is_rejected,
     assert_checkpoint_round_trip_gives_identical_forecasts,
     assert_members_do_not_depend_on_the_batching,
@@ -78,6 +79,14 @@ def test_training_lowers_the_denoising_loss(trained):
     assert after < 0.75 * before and after < 0.8 * zero, (before, after, zero)
     checkpoint = load_checkpoint(trained["checkpoint"], family="diffusion")
     assert checkpoint.metadata["global_step"] == 100 and checkpoint.graph is None
+
+
+def test_check_denoiser_reports_the_noise_left_at_each_level(trained, tmp_path, capsys):
+    """``forecast check-denoiser``; ``--sampling sigma_min`` moves the lowest level the sampler visits."""
+    table = assert_check_denoiser_reports_the_noise_left(
+        trained["checkpoint"], tmp_path, capsys, sampling=["sigma_min=0.1"]
+    )
+    assert table.sigma.min() == pytest.approx(0.1, rel=1e-5)
 
 
 def test_objective_weights_channels_and_latitudes_and_refuses_rollouts(stores):

@@ -176,6 +176,10 @@ def test_training_lowers_the_loss(trained):
     assert checkpoint.metadata["global_step"] == 80 and checkpoint.graph is None
 
 
+def test_check_denoiser_reports_the_noise_left_at_each_level(trained, tmp_path, capsys):
+    diffusion_helpers.assert_check_denoiser_reports_the_noise_left(trained["checkpoint"], tmp_path, capsys)
+
+
 def test_predict_writes_distinct_reproducible_members_past_the_training_window(trained, tmp_path):
     steps = 3 * WINDOW + 1
     fc = assert_predict_writes_distinct_reproducible_members(
