@@ -338,7 +338,9 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     training windows are noised with that schedule, the rest with the rolling one. Local diffusion time
     ``tau`` maps to noise ``sigma = (sigma_min^(1/rho) + tau (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho``
     (EDM's schedule; ``rho < 0`` keeps more of the window at low noise, which ERDM, Ruehling Cachay et al.
-    2025, found best); ``sigma_data`` is the EDM preconditioning's data std. With ``p_mean`` set, each frame's
+    2025, found best); ``sigma_min`` is the lowest noise a frame holds before its last step (0.1, not EDM's
+    0.002: a denoiser of six-hour changes leaves the noise below about 0.1 in the frame, see
+    :mod:`forecasting.diffusion.rolling`); ``sigma_data`` is the EDM preconditioning's data std. With ``p_mean`` set, each frame's
     loss is also weighted by ``exp(-(ln sigma - p_mean)^2 / (2 p_std^2))`` (ERDM's log-normal weighting; None:
     EDM's weighting alone). U-Net sizes as in :class:`UNetSizesConfig`;
     ``member_batch`` samples (start time x member) per network call.
@@ -347,7 +349,7 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     family: Literal["rolling"] = "rolling"
     window: int = Field(4, ge=1, le=32)
     sigma_data: float = Field(1.0, gt=0)
-    sigma_min: float = Field(0.002, gt=0)
+    sigma_min: float = Field(0.1, gt=0)
     sigma_max: float = Field(80.0, gt=0)
     rho: float = -10.0
     p_mean: float | None = None

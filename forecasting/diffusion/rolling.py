@@ -24,8 +24,15 @@ the variance-exploding form of the paper's ``alpha_t, sigma_t`` process). Local 
 so that with ``S`` uniform steps of ``t`` per pass a frame passes, over its ``W`` passes, through EDM's
 schedule formula (eq. 5) at ``W S`` evenly spaced local times, then 0; ``rho < 0`` keeps more of the window at
 low noise, which ERDM (Ruehling Cachay et al. 2025, "Elucidated Rolling Diffusion Models for Probabilistic
-Forecasting of Complex Dynamics") found best for weather. Each frame gets EDM's preconditioning at its own
-``sigma_k`` (``c_skip, c_out, c_in, c_noise``; :func:`~forecasting.diffusion.edm.preconditioning`) and the loss
+Forecasting of Complex Dynamics") found best for weather. ``sigma_min`` is the lowest noise a frame holds before
+the last step of its last pass replaces it with the denoiser's estimate. EDM's 0.002 suits images; the frames
+here are six-hour changes with little power at the smallest scales, and a denoiser trained on them tells noise
+from signal there only down to about 0.1 (``forecast check-denoiser``, :mod:`forecasting.diffusion.diagnostics`).
+Below that it returns the noisy frame as it is, so frames finished from lower levels keep their noise and
+every emitted state adds some; the default is therefore 0.1 (the README has the measurements).
+
+Each frame gets EDM's preconditioning at its own ``sigma_k`` (``c_skip, c_out, c_in, c_noise``;
+:func:`~forecasting.diffusion.edm.preconditioning`) and the loss
 ``lambda(sigma_k) ||D^k - y^k||^2``, optionally times ERDM's log-normal weight of ``ln sigma_k``
 (:class:`RollingObjective`).
 
