@@ -19,6 +19,7 @@ from torch import nn
 
 from forecasting.cli import main
 from forecasting.config import ConfigError
+from forecasting.data.store import open_store
 from forecasting.diffusion.diagnostics import CHECK_COLUMNS, denoising_check
 from forecasting.diffusion.samplers import karras_sigmas
 from forecasting.errors import SchemaError
@@ -115,4 +116,10 @@ def test_bad_input_gets_a_clear_error_and_writes_nothing(stores, conditional, tm
         denoising_check(conditional, stores[0], period=("2005-01-01", None), samples=2)
     with pytest.raises(ConfigError, match="samples must be >= 1"):
         denoising_check(conditional, stores[0], samples=0)
+    # Missing values in the windows are named, not turned into NaN ratios.
+    holed = open_store(stores[0]).load()
+    name = conditional.channels.variables[0]
+    holed[name] = holed[name].where(holed.time < np.datetime64(VAL_START))
+    with pytest.raises(SchemaError, match=f"{name} has missing values in the windows checked"):
+        denoising_check(conditional, holed, period=PERIOD, samples=2)
 

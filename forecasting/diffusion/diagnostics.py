@@ -25,7 +25,7 @@ The noise levels are those the family's sampler visits:
 
 * ``diffusion`` (conditional): the EDM schedule of the model's sampling settings (``sampling_steps``,
   ``sigma_min``, ``sigma_max``, ``rho``; :func:`~forecasting.diffusion.samplers.karras_sigmas`), one row per
-  level;
+  level (stochastic churn raises some of them a little before the network sees them; the rows do not);
 * ``rolling``: each frame's level at each step ``t_i = 1 - i / S`` of a rolling pass
   (:class:`~forecasting.diffusion.rolling.RollingSchedule`), one row per frame and step. Frame 0 is the one
   emitted at the end of the pass: its rows say what noise the forecast keeps.
@@ -49,6 +49,7 @@ from forecasting.diffusion.conditional import DiffusionForecaster, OneGridDiffus
 from forecasting.diffusion.rolling import RollingDiffusionForecaster
 from forecasting.diffusion.samplers import karras_sigmas
 from forecasting.errors import SchemaError
+from forecasting.schema import TIME
 
 __all__ = ["CHECK_COLUMNS", "check_checkpoint", "denoising_check", "zonal_power"]
 
@@ -92,6 +93,7 @@ def _windows(
     from forecasting.data.torch_dataset import WindowDataset
 
     source = store if isinstance(store, xr.Dataset) else str(store)
+    name = "<dataset>" if isinstance(store, xr.Dataset) else str(store)
     try:
         windows = WindowDataset(
             source, variables=list(forecaster.channels.variables), input_steps=forecaster.input_steps,
@@ -99,19 +101,30 @@ def _windows(
             static_variables=list(forecaster.static.variables), normalise=False,
         )
     except SchemaError as exc:
-        raise SchemaError(f"{'<dataset>' if isinstance(store, xr.Dataset) else store}: {exc}") from None
+        raise SchemaError(f"{name}: {exc}") from None
     if tuple(windows.channels) != tuple(forecaster.channels.names):
-        raise SchemaError(f"{store}: channels {list(windows.channels)} differ from the model's "
+        raise SchemaError(f"{name}: channels {list(windows.channels)} differ from the model's "
                           f"{list(forecaster.channels.names)}")
     if len(windows) == 0:
-        raise SchemaError(f"{store}: no window of {forecaster.input_steps} + {target_steps} steps in period {period}")
+        raise SchemaError(f"{name}: no window of {forecaster.input_steps} + {target_steps} steps in period {period}")
     index = np.unique(np.linspace(0, len(windows) - 1, samples).round().astype(int))
+    # The windows fill missing values with the training mean, as in training; here they would pass for signal.
+    from forecasting.data.store import open_store
+
+    times = np.unique(np.concatenate([windows.window_times(int(i)) for i in index]))
+    data = store if isinstance(store, xr.Dataset) else open_store(store)
+    for variable in forecaster.channels.variables:
+        missing = data[variable].sel({TIME: times}).isnull()
+        if bool(missing.any()):
+            first = times[np.flatnonzero(missing.any(dim=[d for d in missing.dims if d != TIME]).values)[0]]
+            raise SchemaError(f"{name}: {variable} has missing values in the windows checked (e.g. at {first}); "
+                              "the check needs complete windows: choose another period")
     items = [windows[int(i)] for i in index]
     batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).float()
              for k in ("inputs", "targets", "forcings", "static")}
     height, width = batch["inputs"].shape[-2:]
     if (height, width) != (len(forecaster.latitude), len(forecaster.longitude)):
-        raise SchemaError(f"{store}: grid {height} x {width} is not the model's "
+        raise SchemaError(f"{name}: grid {height} x {width} is not the model's "
                           f"{len(forecaster.latitude)} x {len(forecaster.longitude)}")
     norm = forecaster.normalisation
 
@@ -122,8 +135,6 @@ def _windows(
     for key in ("inputs", "targets"):
         batch[key] = scaled(batch[key], norm.mean, norm.std)
     batch["static"] = scaled(batch["static"], norm.static_mean, norm.static_std)
-    if not all(bool(torch.isfinite(v).all()) for v in batch.values()):
-        raise SchemaError(f"{store}: the windows picked in period {period} hold NaN or infinite values")
     return batch
 
 
