@@ -48,6 +48,8 @@ from forecasting.schema import (
 from forecasting.verification.baselines import climatology, climatology_forecast, persistence_forecast
 
 if TYPE_CHECKING:
+    from forecasting.config import ExperimentConfig
+    from forecasting.forecasters import Forecaster
     from forecasting.training.checkpoint import Checkpoint
 
 
@@ -414,9 +416,8 @@ def predict(
     checkpoint, SchemaError for missing variables or times, ConfigError for a sampling key the family does
     not have or a bad value; nothing is written at ``out`` on failure.
     """
-    from forecasting.config import parse_config
     from forecasting.data.store import open_store
-    from forecasting.forecasters import GLOBAL, REGIONAL, build_forecaster
+    from forecasting.forecasters import GLOBAL, REGIONAL
     from forecasting.training.checkpoint import load_checkpoint
 
     out = Path(out)
@@ -428,10 +429,7 @@ def predict(
             f"{checkpoint} is a downscaling model: it maps a coarse forecast to the fine grid rather than rolling "
             "out from initial conditions; use 'forecast downscale F.zarr --checkpoint CKPT --out OUT.zarr'"
         )
-    if sampling:
-        ckpt = with_sampling(ckpt, sampling)
-    config = parse_config(ckpt.config, source=f"config in {checkpoint}")
-    forecaster = build_forecaster(config, checkpoint=ckpt)
+    forecaster, config, ckpt = sampled_forecaster(ckpt, sampling)
     if callable(getattr(forecaster, "to", None)):  # torch families move to the device; baselines run on xarray
         forecaster.to(device)
     defaults = {
@@ -479,6 +477,21 @@ SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
     "dyffusion": ("sampling_steps", "member_batch", "initial_perturbation", "perturbation_length",
                   "perturbation_scales", "window_perturbation", "spectral_filter_hours", "spectral_filter_order"),
 }
+
+
+def sampled_forecaster(
+    ckpt: Checkpoint, sampling: Mapping[str, object] | None
+) -> tuple[Forecaster, ExperimentConfig, Checkpoint]:
+    """The forecaster of the checkpoint ``ckpt`` with its sampler settings replaced by ``sampling``
+    (:func:`with_sampling`; None or empty: as trained), the config it was built from and the checkpoint with
+    that config."""
+    from forecasting.config import parse_config
+    from forecasting.forecasters import build_forecaster
+
+    if sampling:
+        ckpt = with_sampling(ckpt, sampling)
+    config = parse_config(ckpt.config, source=f"config in {ckpt.path}")
+    return build_forecaster(config, checkpoint=ckpt), config, ckpt
 
 
 def with_sampling(ckpt: Checkpoint, sampling: Mapping[str, object]) -> Checkpoint:

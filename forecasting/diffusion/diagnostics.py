@@ -222,10 +222,8 @@ def check_checkpoint(
     Raises SourceError for an unreadable checkpoint, ConfigError for a family without a noise-level denoiser
     or a bad sampling setting, SchemaError as :func:`denoising_check`.
     """
-    from forecasting.config import parse_config
     from forecasting.diffusion.conditional import _store_path
-    from forecasting.forecasters import build_forecaster
-    from forecasting.inference import with_sampling
+    from forecasting.inference import sampled_forecaster
     from forecasting.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
@@ -234,10 +232,7 @@ def check_checkpoint(
             f"{checkpoint} holds a {ckpt.family!r} model, which has no noise-level denoiser to check; the check "
             "serves the 'diffusion' and 'rolling' families"
         )
-    if sampling:
-        ckpt = with_sampling(ckpt, sampling)
-    config = parse_config(ckpt.config, source=f"config in {checkpoint}")
-    forecaster = build_forecaster(config, checkpoint=ckpt)
+    forecaster, config, _ = sampled_forecaster(ckpt, sampling)
     assert isinstance(forecaster, OneGridDiffusionForecaster) and config.data is not None
     if store is None:
         store = _store_path(forecaster.model_config, config.data)
