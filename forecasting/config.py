@@ -340,8 +340,8 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     (EDM's schedule; ``rho < 0`` keeps more of the window at low noise, which ERDM, Ruehling Cachay et al.
     2025, found best); ``sigma_min`` is the lowest noise a frame holds before its last step (0.1, not EDM's
     0.002: a denoiser of six-hour changes leaves the noise below about 0.1 in the frame, see
-    :mod:`forecasting.diffusion.rolling`); ``sigma_data`` is the EDM preconditioning's data std. With ``p_mean`` set, each frame's
-    loss is also weighted by ``exp(-(ln sigma - p_mean)^2 / (2 p_std^2))`` (ERDM's log-normal weighting; None:
+    :mod:`forecasting.diffusion.rolling`); ``sigma_data`` is the EDM preconditioning's data std. With
+    ``p_mean`` set, each frame's loss is also weighted by ``exp(-(ln sigma - p_mean)^2 / (2 p_std^2))`` (ERDM's log-normal weighting; None:
     EDM's weighting alone). U-Net sizes as in :class:`UNetSizesConfig`;
     ``member_batch`` samples (start time x member) per network call.
     """

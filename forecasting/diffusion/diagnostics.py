@@ -90,7 +90,8 @@ def _windows(
 ) -> dict[str, Tensor]:
     """``samples`` windows evenly spread over ``period`` of ``store``, normalised with the forecaster's own
     statistics: ``inputs`` (N, T_in, C, H, W), ``targets`` (N, T_out, C, H, W), ``forcings``, ``static``."""
-    from forecasting.data.torch_dataset import WindowDataset
+    from forecasting.data.store import open_store
+    from forecasting.data.torch_dataset import WindowDataset, normalised
 
     source = store if isinstance(store, xr.Dataset) else str(store)
     name = "<dataset>" if isinstance(store, xr.Dataset) else str(store)
@@ -109,8 +110,6 @@ def _windows(
         raise SchemaError(f"{name}: no window of {forecaster.input_steps} + {target_steps} steps in period {period}")
     index = np.unique(np.linspace(0, len(windows) - 1, samples).round().astype(int))
     # The windows fill missing values with the training mean, as in training; here they would pass for signal.
-    from forecasting.data.store import open_store
-
     times = np.unique(np.concatenate([windows.window_times(int(i)) for i in index]))
     data = store if isinstance(store, xr.Dataset) else open_store(store)
     for variable in forecaster.channels.variables:
@@ -120,22 +119,18 @@ def _windows(
             raise SchemaError(f"{name}: {variable} has missing values in the windows checked (e.g. at {first}); "
                               "the check needs complete windows: choose another period")
     items = [windows[int(i)] for i in index]
-    batch = {k: torch.stack([torch.as_tensor(item[k]) for item in items]).float()
-             for k in ("inputs", "targets", "forcings", "static")}
+    batch = {k: np.stack([np.asarray(item[k]) for item in items]) for k in ("inputs", "targets", "forcings", "static")}
     height, width = batch["inputs"].shape[-2:]
     if (height, width) != (len(forecaster.latitude), len(forecaster.longitude)):
         raise SchemaError(f"{name}: grid {height} x {width} is not the model's "
                           f"{len(forecaster.latitude)} x {len(forecaster.longitude)}")
-    norm = forecaster.normalisation
-
-    def scaled(x: Tensor, mean: np.ndarray, std: np.ndarray) -> Tensor:  # per channel, dim -3
-        mean_, std_ = (torch.as_tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
-        return (x - mean_) / std_
-
+    norm = forecaster.normalisation  # the model's own statistics, whatever the store's
+    per_channel = (-1, 1, 1)
     for key in ("inputs", "targets"):
-        batch[key] = scaled(batch[key], norm.mean, norm.std)
-    batch["static"] = scaled(batch["static"], norm.static_mean, norm.static_std)
-    return batch
+        batch[key] = normalised(batch[key], norm.mean.reshape(per_channel), norm.std.reshape(per_channel))
+    batch["static"] = normalised(batch["static"], norm.static_mean.reshape(per_channel),
+                                 norm.static_std.reshape(per_channel))
+    return {k: torch.as_tensor(v, dtype=torch.float32) for k, v in batch.items()}
 
 
 def denoising_check(
