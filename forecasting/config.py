@@ -342,7 +342,9 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     0.002: a denoiser of six-hour changes leaves the noise below about 0.1 in the frame, see
     :mod:`forecasting.diffusion.rolling`); ``sigma_data`` is the EDM preconditioning's data std. With
     ``p_mean`` set, each frame's loss is also weighted by ``exp(-(ln sigma - p_mean)^2 / (2 p_std^2))`` (ERDM's log-normal weighting; None:
-    EDM's weighting alone). U-Net sizes as in :class:`UNetSizesConfig`;
+    EDM's weighting alone). Stochastic churn ``churn`` with ``s_noise`` on frames between ``s_tmin`` and ``s_tmax``
+    (None: no upper bound) as EDM's Algorithm 2, spread over the ``window * sampling_steps`` steps a frame
+    lives (0: the deterministic ODE). U-Net sizes as in :class:`UNetSizesConfig`;
     ``member_batch`` samples (start time x member) per network call.
     """
 
@@ -358,11 +360,17 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     sampler: Literal["euler", "heun"] = "heun"
     sampling_steps: int = Field(8, ge=1)
     init_steps: int = Field(16, ge=1)
+    churn: float = Field(0.0, ge=0)
+    s_noise: float = Field(1.0, ge=0)
+    s_tmin: float = Field(0.0, ge=0)
+    s_tmax: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _valid(self) -> RollingDiffusionModelConfig:
         if self.sigma_min >= self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+        if self.s_tmax is not None and self.s_tmin > self.s_tmax:
+            raise ValueError(f"s_tmin ({self.s_tmin}) must not exceed s_tmax ({self.s_tmax})")
         if self.rho == 0:
             raise ValueError("rho must not be 0 (the schedule is sigma = (...)^rho)")
         return self

@@ -141,6 +141,60 @@ def test_a_pass_finishes_the_first_frame_and_brings_the_others_to_their_next_noi
     torch.testing.assert_close(out[:, 1:], clean[:, 1:] + end[1:].view(1, 2, 1, 1, 1) * noise[:, 1:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_churn_renews_the_noise_at_the_right_level_and_still_finishes_the_first_frame(method):
+    """EDM's churn per frame: with a denoiser that returns the clean window, the first frame still ends at y
+    exactly, and every other frame ends at y plus noise of its next pass's level, partly fresh; the network
+    sees each churned frame at sigma_k (1 + gamma), gamma = churn / (W steps), and only frames within
+    [s_tmin, s_tmax] are churned. The fresh noise comes from one generator per row."""
+    model = _tiny_model()
+    schedule = model.schedule
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randn((3, 3, 2, 16, 32), generator=generator)
+    calls = []
+
+    def denoise(x, sigma, condition):
+        calls.append(sigma.clone())
+        return clean
+
+    model.denoise = denoise
+    start = schedule.sigmas(torch.tensor(1.0), init=False).float()
+    end = schedule.sigmas(torch.tensor(0.0), init=False).float()
+    noise = torch.randn(clean.shape, generator=generator)
+    x0 = clean + start.view(1, 3, 1, 1, 1) * noise
+
+    def run(churn, s_tmin=0.0, seeds=(5, 6, 7)):
+        calls.clear()
+        return model.denoising_pass(
+            x0, torch.zeros(3, 1, 16, 32), init=False, steps=4, method=method, churn=churn, s_tmin=s_tmin,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        )
+
+    plain = run(0.0)
+    out = run(3.0)
+    gamma = 3.0 / (3 * 4)
+    torch.testing.assert_close(calls[0][0], start * (1 + gamma))  # every frame churned at its level
+    assert len(calls) == evaluations(method, 4)
+    torch.testing.assert_close(out[:, 0], clean[:, 0], rtol=0, atol=1e-5)
+    scaled = (out[:, 1:] - clean[:, 1:]) / end[1:].view(1, 2, 1, 1, 1)
+    assert 0.9 < scaled.pow(2).mean().item() < 1.1  # the next pass's noise level
+    same = torch.corrcoef(torch.stack([scaled.flatten(), noise[:, 1:].flatten()]))[0, 1].item()
+    assert 0.3 < same < 0.99  # part of the start's noise, part fresh
+    torch.testing.assert_close(run(3.0), out)  # reproducible from the generators
+    other = run(3.0, seeds=(5, 6, 8))
+    torch.testing.assert_close(other[:2], out[:2])  # a row's noise is its own generator's
+    assert not torch.allclose(other[2], out[2])
+    # s_tmin above every level: nothing is churned, the ODE pass of churn 0.
+    torch.testing.assert_close(run(3.0, s_tmin=1e3), plain)
+    # s_tmin between the frames' levels: the frames below it keep their scheduled level.
+    threshold = float(start[1] + start[2]) / 2
+    run(3.0, s_tmin=threshold)
+    torch.testing.assert_close(calls[0][0, :2], start[:2])
+    torch.testing.assert_close(calls[0][0, 2], start[2] * (1 + gamma))
+    run(100.0)  # EDM's cap: gamma <= sqrt(2) - 1
+    torch.testing.assert_close(calls[0][0], start * 2**0.5)
+
+
 def test_objective_noises_each_frame_at_its_local_time_and_weights_frames(stores):
     config = rolling_config(stores)
     torch.manual_seed(0)
@@ -241,3 +295,6 @@ def test_bad_settings_are_rejected_before_writing(stores, tmp_path, change, erro
 def test_config_rejects_a_flat_schedule(stores):
     with pytest.raises(ConfigError, match="rho must not be 0"):
         rolling_config(stores, model={"rho": 0.0})
+    with pytest.raises(ConfigError, match="s_tmin"):
+        rolling_config(stores, model={"churn": 2.0, "s_tmin": 5.0, "s_tmax": 1.0})
+

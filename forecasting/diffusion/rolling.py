@@ -63,6 +63,7 @@ checkpoints, input checks, initial states, forcings); :class:`RollingObjective` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -81,7 +82,7 @@ from forecasting.diffusion.conditional import (
     one_grid_training_setup,
 )
 from forecasting.diffusion.edm import loss_weight, preconditioning
-from forecasting.diffusion.samplers import evaluations, standard_normal
+from forecasting.diffusion.samplers import Generators, evaluations, standard_normal
 from forecasting.models import UNet
 
 if TYPE_CHECKING:
@@ -222,16 +223,37 @@ class RollingDiffusion(OneGridNetwork):
         raw = self.network(inputs, noise=c_noise.reshape(batch, window).mean(dim=1))
         return c_skip * x + c_out * raw.reshape(x.shape).to(x.dtype)
 
-    def denoising_pass(self, x: Tensor, condition: Tensor, *, init: bool, steps: int, method: str) -> Tensor:
+    def denoising_pass(
+        self,
+        x: Tensor,
+        condition: Tensor,
+        *,
+        init: bool,
+        steps: int,
+        method: str,
+        churn: float = 0.0,
+        s_tmin: float = 0.0,
+        s_tmax: float = float("inf"),
+        s_noise: float = 1.0,
+        generator: Generators = None,
+    ) -> Tensor:
         """One pass of global time ``t`` from 1 to 0 in ``steps`` uniform steps: the window ``x`` (B, W, C, H, W)
         at its noise of ``t = 1`` goes to that of ``t = 0`` (frame 0 finished); ``init`` picks the init schedule.
-        ``method`` ``euler`` or ``heun`` (``evaluations(method, steps)`` network calls)."""
+        ``method`` ``euler`` or ``heun`` (``evaluations(method, steps)`` network calls). ``churn > 0`` adds EDM's
+        stochastic churn (Algorithm 2) frame by frame: a frame at ``s_tmin <= sigma_k <= s_tmax`` is raised to
+        ``sigma_k (1 + gamma)`` with fresh noise of std ``sqrt((1 + gamma)^2 - 1) sigma_k s_noise`` before the
+        step, ``gamma = min(churn / (W steps), sqrt(2) - 1)`` (a frame lives ``W`` passes, so ``churn`` is
+        spread over its ``W steps`` steps as EDM's ``S_churn`` over ``N``); the noise comes from ``generator``
+        (one per batch row: :data:`~forecasting.diffusion.samplers.Generators`)."""
         if method not in ROLLING_SAMPLERS:
             raise ValueError(f"unknown rolling sampler {method!r}; known: {list(ROLLING_SAMPLERS)}")
         if steps < 1:
             raise ValueError(f"steps must be >= 1; found {steps}")
+        if churn < 0 or s_noise < 0:
+            raise ValueError(f"churn and s_noise must be >= 0; found {churn}, {s_noise}")
         batch = x.shape[0]
         times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        gamma = min(churn / (self.window * steps), math.sqrt(2.0) - 1.0)
 
         def levels(t: Tensor) -> Tensor:  # (B, W, 1, 1, 1)
             sigma = self.schedule.sigmas(t.expand(batch), init=init)
@@ -239,6 +261,12 @@ class RollingDiffusion(OneGridNetwork):
 
         for i in range(steps):
             sigma, sigma_next = levels(times[i]), levels(times[i + 1])
+            if gamma > 0:
+                churned = (sigma >= s_tmin) & (sigma <= s_tmax) & (sigma > 0)
+                sigma_hat = torch.where(churned, sigma * (1.0 + gamma), sigma)
+                eps = standard_normal(x.shape, generator, device=x.device, dtype=x.dtype)
+                x = x + (sigma_hat**2 - sigma**2).sqrt() * s_noise * eps
+                sigma = sigma_hat
             slope = (x - self.denoise(x, sigma[..., 0, 0, 0], condition)) / sigma  # dx/dsigma per frame
             x_next = x + (sigma_next - sigma) * slope
             if method == "heun" and i < steps - 1:  # every frame has sigma_next > 0 before the last step
@@ -361,7 +389,9 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
                 )
                 passes = config.init_steps if k == 0 else config.sampling_steps
                 frames[g] = self.model.denoising_pass(
-                    frames[g], condition, init=k == 0, steps=passes, method=config.sampler
+                    frames[g], condition, init=k == 0, steps=passes, method=config.sampler, churn=config.churn,
+                    s_tmin=config.s_tmin, s_tmax=math.inf if config.s_tmax is None else config.s_tmax,
+                    s_noise=config.s_noise, generator=generators[rows],
                 )
                 emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
             state = self._damped(torch.cat(emitted), origin)  # (n_samples, C, H, W), normalised
