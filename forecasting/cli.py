@@ -605,9 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: one per core; 1 is often faster on a busy machine)")
     p.add_argument("--sampling", action="append", metavar="KEY=VALUE",
                    help="diffusion families: a sampler setting replacing the checkpoint's for this forecast "
-                   "(sampler, sampling_steps, churn, s_noise, s_tmin, s_tmax, init_steps, member_batch, and the "
-                   "conditional family's schedule sigma_min, sigma_max, rho, as the family has them; "
-                   "initial_perturbation, perturbation_length, perturbation_scales, spectral_filter_hours, spectral_filter_order for all three; window_perturbation for dyffusion); "
+                   "(sampler, sampling_steps, member_batch, initial_perturbation, perturbation_length, "
+                   "perturbation_scales, spectral_filter_hours, spectral_filter_order for all three; churn, s_noise, "
+                   "s_tmin, s_tmax for the conditional and rolling families; the conditional family's schedule "
+                   "sigma_min, sigma_max, rho; init_steps for rolling; window_perturbation for rolling and "
+                   "dyffusion; sampler not for dyffusion); "
                    "repeatable, values in YAML, e.g. 'perturbation_scales={2m_temperature: 0}' or "
                    "spectral_filter_hours=null")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
 
 from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.diffusion.rolling import (
@@ -25,6 +26,7 @@ from forecasting.diffusion.rolling import (
 from forecasting.diffusion.samplers import evaluations
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
+from forecasting.inference import with_sampling
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
 from forecasting.training.train import TRAINABLE
@@ -251,6 +253,45 @@ def test_spectral_filter_damps_the_small_scales_of_the_change(trained, analysis)
 def test_members_do_not_depend_on_the_batching(trained, analysis):
     forecaster = RollingDiffusionForecaster.from_checkpoint(load_checkpoint(trained["checkpoint"]))
     assert_members_do_not_depend_on_the_batching(forecaster, analysis[GLOBAL], steps=4)
+
+
+def test_churned_members_are_reproducible_and_do_not_depend_on_the_batching(trained, analysis):
+    """``--sampling churn=S``: the churn noise comes from each member's own generator, so a churned forecast
+    repeats for a seed, whatever the batching, and differs from the ODE's."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    plain = RollingDiffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=3, members=3,
+                                                                      starts=STARTS, seed=7)
+    churned = RollingDiffusionForecaster.from_checkpoint(with_sampling(ckpt, {"churn": 4.0, "s_tmin": 0.5}))
+    first = assert_members_do_not_depend_on_the_batching(churned, analysis[GLOBAL], steps=3)
+    assert np.isfinite(first.to_array().values).all()
+    assert not np.allclose(first.to_array().values, plain.to_array().values)
+    with pytest.raises(ConfigError, match="churn"):
+        with_sampling(ckpt, {"churn": -1.0})
+
+
+def test_window_perturbations_leave_the_first_window_alone_and_add_spread_after_it(trained, analysis):
+    """``--sampling window_perturbation=A``: after every W emitted leads the states the window is conditioned
+    on get a fresh smooth field. The first W leads are the plain forecast's exactly; the next lead spreads more,
+    and the forecast repeats for a seed."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    steps = 2 * WINDOW
+    plain = RollingDiffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=steps, members=4,
+                                                                      starts=STARTS, seed=3)
+    renewed = RollingDiffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {"window_perturbation": 5.0, "perturbation_length": 2.0})
+    )
+    first = renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3)
+    xr.testing.assert_equal(renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3),
+                            first)
+    xr.testing.assert_equal(first.isel({LEAD: slice(0, WINDOW)}), plain.isel({LEAD: slice(0, WINDOW)}))
+
+    def spread(fc: xr.Dataset) -> float:
+        return float(fc.isel({LEAD: WINDOW}).std(MEMBER).to_array().mean())
+
+    assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
+    assert np.isfinite(first.to_array().values).all()
+    with pytest.raises(ConfigError, match="window_perturbation"):
+        with_sampling(ckpt, {"window_perturbation": -1.0})
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):

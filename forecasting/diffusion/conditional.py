@@ -267,6 +267,15 @@ class OneGridDiffusionForecaster(Forecaster):
             order=self.model_config.spectral_filter_order,
         )
 
+    def _perturbed(self, states: Tensor, generators: Sequence[torch.Generator], amplitude: float) -> Tensor:
+        """``states`` (n_samples, T_in, C, H, W), normalised, plus a smooth field per sample of ``amplitude``
+        6-hour tendency stds drawn from its generator, with the config's ``perturbation_length`` and
+        ``perturbation_scales`` (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`)."""
+        return perturb_initial_states(
+            states, generators, amplitude=amplitude, length=self.model_config.perturbation_length,
+            periodic_lon=self.grid == GLOBAL, tendency_scale=self.perturbation_scale,
+        )
+
     def _damped(self, state: Tensor, origin: Tensor, steps: float = 1.0) -> Tensor:
         """``origin + D(state - origin)``: ``state`` (B, C, H, W, normalised) with its change since ``origin``
         (B, C, H, W) damped over ``steps`` steps by :attr:`spectral_filter`; ``state`` itself when there is none."""
@@ -419,11 +428,9 @@ class OneGridDiffusionForecaster(Forecaster):
         states, static = self._initial_tensors(ds, starts, members)
         norm = self.normalisation
         if self.model_config.initial_perturbation > 0:
-            states = perturb_initial_states(
+            states = self._perturbed(
                 states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT),
-                amplitude=self.model_config.initial_perturbation,
-                length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
-                tendency_scale=self.perturbation_scale,
+                self.model_config.initial_perturbation,
             )
         shape = (len(starts), members, len(self.channels), len(self.latitude), len(self.longitude))
         mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=self.device)[:, None, None]

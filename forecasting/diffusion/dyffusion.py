@@ -84,8 +84,6 @@ from forecasting.diffusion.conditional import (
     check_one_grid_training,
     one_grid_training_setup,
 )
-from forecasting.diffusion.perturbations import perturb_initial_states
-from forecasting.forecasters import GLOBAL
 from forecasting.models import UNet
 
 if TYPE_CHECKING:
@@ -407,11 +405,7 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
         tendency stds (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`), drawn from a
         generator seeded by ``(seed, start, member, window)`` and salted apart from the dropout masks."""
         generators = self._window_generators(starts, members, seed, window, salt=_WINDOW_PERTURBATION_SALT)
-        return perturb_initial_states(
-            states, generators, amplitude=self.model_config.window_perturbation,
-            length=self.model_config.perturbation_length, periodic_lon=self.grid == GLOBAL,
-            tendency_scale=self.perturbation_scale,
-        )
+        return self._perturbed(states, generators, self.model_config.window_perturbation)
 
 
 _WINDOW_PERTURBATION_SALT = 0x3C6E_F372_FE94_F82B

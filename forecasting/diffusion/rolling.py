@@ -50,7 +50,10 @@ Sampling integrates the probability-flow ODE of every frame, ``dx^k/dt = (x^k - 
 on ``t_i = 1 - i / S`` with Euler or Heun steps (EDM Algorithm 1: no correction on the last step, where frame
 0 reaches ``sigma = 0`` and becomes the denoiser's estimate exactly): ``evaluations(method, S)`` network calls
 per emitted lead (:func:`~forecasting.diffusion.samplers.evaluations`), the first window ``evaluations(method,
-init_steps)``. Forecasts run for any number of leads, past the training window. The noise of every frame of
+init_steps)``. Forecasts run for any number of leads, past the training window. Optional stochastic churn (EDM
+Algorithm 2, frame by frame) and renewed perturbations (``window_perturbation``: after every ``W`` emitted
+leads the states the window is conditioned on get a fresh smooth field, as for DYffusion; ours, not the
+paper's) are sampling choices. The noise of every frame of
 member ``m`` from start ``s`` comes from a generator seeded by ``(seed, s, m)``, so a member is the same
 whatever the batching; ``member_batch`` samples go through the network at once.
 
@@ -396,7 +399,16 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
                 emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
             state = self._damped(torch.cat(emitted), origin)  # (n_samples, C, H, W), normalised
             states = torch.cat([states[:, 1:], state[:, None]], dim=1)
+            if config.window_perturbation > 0 and (k + 1) % window == 0 and k + 1 < steps:
+                # a fresh field every window of leads; the emitted state itself stays as sampled
+                renewal = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + (k + 1) // window)
+                states = self._perturbed(states, renewal, config.window_perturbation)
             yield k, state
+
+
+#: Salts the generators of the renewed perturbations (the ``n``-th renewal uses ``_RENEWAL_SALT + n``) apart from
+#: the frames' noise and the initial perturbations.
+_RENEWAL_SALT = 0x5BD1_E995_7F4A_7C15
 
 
 def rolling_training_setup(config: ExperimentConfig) -> TrainingSetup:
