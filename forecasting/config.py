@@ -397,6 +397,9 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     forecasting, a fresh smooth random field of that many 6-hour tendency stds (correlated over
     ``perturbation_length`` cells, as ``initial_perturbation``) to each member's states at the start of every
     window after the first: spread renewed as the forecast goes on, where the initial perturbations are damped.
+    ``estimate_perturbation`` > 0 adds such a field, drawn once per member and window, to every forecaster
+    estimate ``x^_{t+h}`` of the window, so that the interpolated states carry a growing share of it through the
+    window (ours, not the paper's).
     """
 
     family: Literal["dyffusion"] = "dyffusion"
@@ -408,6 +411,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     lookahead_weight: float = Field(0.5, ge=0, lt=1)
     sampling_steps: int | None = Field(None, ge=2)
     window_perturbation: float = Field(0.0, ge=0)
+    estimate_perturbation: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _valid(self) -> DYffusionModelConfig:

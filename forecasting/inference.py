@@ -476,7 +476,8 @@ SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
                 "initial_perturbation", "perturbation_length", "perturbation_scales", "window_perturbation",
                 "spectral_filter_hours", "spectral_filter_order"),
     "dyffusion": ("sampling_steps", "member_batch", "initial_perturbation", "perturbation_length",
-                  "perturbation_scales", "window_perturbation", "spectral_filter_hours", "spectral_filter_order"),
+                  "perturbation_scales", "window_perturbation", "estimate_perturbation", "spectral_filter_hours",
+                  "spectral_filter_order"),
 }
 
 

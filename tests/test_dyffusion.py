@@ -186,6 +186,49 @@ def test_cold_sampling_yields_every_intermediate_lead_on_the_interpolated_path(s
     assert seen == [1, 2, 3] and calls == network_evaluations(HORIZON, steps)
 
 
+def test_an_estimate_offset_enters_the_interpolated_path_in_proportion_to_the_lead():
+    """``estimate_offset`` is added to every forecaster estimate: with linear interpolation the state at lead j
+    carries j / h of it, all of it at the horizon."""
+    model = _tiny_model()
+    calls = {"forecaster": 0, "interpolator": 0}
+    model.forecast, model.interpolate = _fake(HORIZON, calls, end_change=0.6)
+    states = torch.randn(2, 2, 2, 4, 6)
+    offset = torch.randn(2, 2, 4, 6)
+    out = list(model.cold_sample(states, torch.zeros(2, 1, 4, 6), lambda i: torch.zeros(2, 4, 4, 4, 6),
+                                 sampling_schedule(HORIZON, HORIZON + 2), estimate_offset=offset))
+    assert [j for j, _ in out] == [1, 2, 3]
+    for j, state in out:
+        torch.testing.assert_close(state, states[:, -1] + (0.6 + offset) * j / HORIZON, rtol=1e-5, atol=1e-5)
+
+
+def test_estimate_perturbations_spread_the_first_window_and_repeat_for_a_seed(trained, analysis):
+    """``--sampling estimate_perturbation=A``: one fresh field per member and window added to the forecaster's
+    estimates. 0 is the plain forecast exactly; A > 0 spreads every window, repeats for a seed and does not
+    depend on the batching."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    steps = 2 * HORIZON
+    plain = DYffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=steps, members=3,
+                                                              starts=STARTS, seed=7)
+    zero = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"estimate_perturbation": 0.0}))
+    xr.testing.assert_equal(zero.forecast(analysis[GLOBAL], steps=steps, members=3, starts=STARTS, seed=7), plain)
+    perturbed = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"estimate_perturbation": 3.0}))
+    first = assert_members_do_not_depend_on_the_batching(perturbed, analysis[GLOBAL], steps=steps)
+    xr.testing.assert_equal(
+        DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"estimate_perturbation": 3.0})).forecast(
+            analysis[GLOBAL], steps=steps, members=3, starts=STARTS, seed=7),
+        first,
+    )
+
+    def spread(fc: xr.Dataset, lead: int) -> float:
+        return float(fc.isel({LEAD: lead}).std(MEMBER).to_array().mean())
+
+    for lead in (0, HORIZON - 1, steps - 1):
+        assert spread(first, lead) > 1.5 * spread(plain, lead), (lead, spread(first, lead), spread(plain, lead))
+    assert np.isfinite(first.to_array().values).all()
+    with pytest.raises(ConfigError, match="estimate_perturbation"):
+        with_sampling(ckpt, {"estimate_perturbation": -1.0})
+
+
 def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, analysis):
     forecaster = build_forecaster(dyffusion_config(stores))
     assert isinstance(forecaster, DYffusionForecaster)

@@ -207,13 +207,14 @@ class DYffusion(OneGridNetwork):
 
     def cold_sample(
         self, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor], schedule: Sequence[float],
-        generators: Sequence[torch.Generator] | None = None,
+        generators: Sequence[torch.Generator] | None = None, estimate_offset: Tensor | None = None,
     ) -> Iterator[tuple[int, Tensor]]:
         """Cold sampling (Algorithm 2) from ``states`` over one horizon on ``schedule`` (:func:`sampling_schedule`).
 
         ``forcings(i)`` returns the forcings (B, T_in + 2, F, H, W) of interpolation time ``i``; ``generators``
-        (one per sample) draw the interpolator's dropout masks. Yields ``(j, s)`` for every whole step
-        ``j = 1 .. h`` in order, ``s`` (B, C, H, W) the state at lead ``j``.
+        (one per sample) draw the interpolator's dropout masks; ``estimate_offset`` (B, C, H, W), when given, is
+        added to every forecaster estimate ``x^_{t+h}``. Yields ``(j, s)`` for every whole step ``j = 1 .. h`` in
+        order, ``s`` (B, C, H, W) the state at lead ``j``.
         """
         increasing = all(a < b for a, b in itertools.pairwise(schedule))
         if not schedule or schedule[0] != 0 or not increasing or schedule[-1] >= self.horizon:
@@ -229,6 +230,8 @@ class DYffusion(OneGridNetwork):
         for i_n, i_next in itertools.pairwise(times):
             estimate = self.forecast(s, states, full(i_n), forcings(i_n), static,  # x^_{t+h}
                                      generators=generators)
+            if estimate_offset is not None:
+                estimate = estimate + estimate_offset
             ahead = estimate if i_next == self.horizon else self.interpolate(
                 states, estimate, full(i_next), forcings(i_next), static, generators=generators
             )
@@ -371,10 +374,12 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
             leads = [[] for _ in range(horizon)]  # per whole step: the groups' states
             # one dropout generator per sample: members do not depend on how the samples are batched
             generators = self._window_generators(starts, members, seed, window)
+            offsets = self._estimate_offsets(states, starts, members, seed, window)
             for rows in groups:
                 for j, state in self.model.cold_sample(
                     states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
                     lambda i, rows=rows: window_forcings(i)[rows], self.schedule, generators[rows],
+                    estimate_offset=None if offsets is None else offsets[rows],
                 ):
                     leads[j - 1].append(state)
             # (n_samples, h, C, H, W); with a spectral filter, the change since the forecast's start damped over
@@ -399,6 +404,17 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
             for start in starts for m in range(members)
         ]
 
+    def _estimate_offsets(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int,
+                          window: int) -> Tensor | None:
+        """The window's fields of ``estimate_perturbation`` tendency stds (n_samples, C, H, W), one per sample
+        from a generator seeded by ``(seed, start, member, window)`` and salted apart from the others; None
+        when ``estimate_perturbation`` is 0."""
+        amplitude = self.model_config.estimate_perturbation
+        if amplitude == 0:
+            return None
+        generators = self._window_generators(starts, members, seed, window, salt=_ESTIMATE_PERTURBATION_SALT)
+        return self._perturbed(torch.zeros_like(states[:, -1:]), generators, amplitude)[:, 0]
+
     def _renew_perturbation(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int,
                             window: int) -> Tensor:
         """``states`` (n_samples, T_in, C, H, W) plus a fresh smooth field per sample of ``window_perturbation``
@@ -409,6 +425,7 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
 
 
 _WINDOW_PERTURBATION_SALT = 0x3C6E_F372_FE94_F82B
+_ESTIMATE_PERTURBATION_SALT = 0x2545_F491_4F6C_DD1D
 
 
 def _dropout_seed(seed: int, start: pd.Timestamp, member: int, window: int) -> int:
