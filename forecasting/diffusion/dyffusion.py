@@ -50,6 +50,10 @@ Renewed perturbations (``window_perturbation`` > 0, ours, not the paper's): at t
 the first, each member's states get a fresh smooth Gaussian random field of that many 6-hour tendency stds
 (forecasting.diffusion.perturbations, correlation length ``perturbation_length``), a stochastic forcing renewed
 once per horizon, where perturbations of the initial state alone are damped as the forecast goes on.
+Perturbed estimates (``estimate_perturbation`` > 0, ours too): one fresh field per member and window is added
+to every estimate ``x^_{t+h}`` the forecaster makes in the window, so that the interpolated states
+``I(x_t, x^_{t+h}, i)`` carry about ``i / h`` of it and the spread grows through the window as the error does,
+instead of starting at its largest and being damped.
 
 Randomness: when forecasting, each sample's dropout masks (both networks') come from its own generator, seeded from
 ``(seed, start time, member, window)``; so forecasts repeat exactly for the same seed, and a member does not
