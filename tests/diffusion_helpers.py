@@ -238,3 +238,33 @@ def assert_check_denoiser_reports_the_noise_left(
         highest, lowest = rows.loc[rows.sigma.idxmax()], rows.loc[rows.sigma.idxmin()]
         assert highest.noise_left < 0.1 < lowest.noise_left, rows
     return table
+
+
+def assert_window_perturbations_leave_the_first_window_alone(
+    forecaster_class: type[OneGridDiffusionForecaster], checkpoint: Path, initial: xr.Dataset, *, window: int,
+    amplitude: float,
+) -> xr.Dataset:
+    """``--sampling window_perturbation=amplitude`` on a model whose window is ``window`` leads: the first
+    ``window`` leads are the plain forecast's exactly, lead ``window`` spreads over 1.5 times as much, the
+    forecast repeats for a seed and a negative amplitude is refused. Returns the perturbed forecast."""
+    from forecasting.config import ConfigError
+    from forecasting.inference import with_sampling
+
+    ckpt = load_checkpoint(checkpoint)
+    steps = 2 * window
+    plain = forecaster_class.from_checkpoint(ckpt).forecast(initial, steps=steps, members=4, starts=STARTS, seed=3)
+    renewed = forecaster_class.from_checkpoint(
+        with_sampling(ckpt, {"window_perturbation": amplitude, "perturbation_length": 2.0})
+    )
+    first = renewed.forecast(initial, steps=steps, members=4, starts=STARTS, seed=3)
+    xr.testing.assert_equal(renewed.forecast(initial, steps=steps, members=4, starts=STARTS, seed=3), first)
+    xr.testing.assert_equal(first.isel({LEAD: slice(0, window)}), plain.isel({LEAD: slice(0, window)}))
+
+    def spread(fc: xr.Dataset) -> float:
+        return float(fc.isel({LEAD: window}).std(MEMBER).to_array().mean())
+
+    assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
+    assert np.isfinite(first.to_array().values).all()
+    with pytest.raises(ConfigError, match="window_perturbation"):
+        with_sampling(ckpt, {"window_perturbation": -1.0})
+    return first

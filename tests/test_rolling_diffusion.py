@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import xarray as xr
 
 from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.diffusion.rolling import (
@@ -271,27 +270,11 @@ def test_churned_members_are_reproducible_and_do_not_depend_on_the_batching(trai
 
 def test_window_perturbations_leave_the_first_window_alone_and_add_spread_after_it(trained, analysis):
     """``--sampling window_perturbation=A``: after every W emitted leads the states the window is conditioned
-    on get a fresh smooth field. The first W leads are the plain forecast's exactly; the next lead spreads more,
-    and the forecast repeats for a seed."""
-    ckpt = load_checkpoint(trained["checkpoint"])
-    steps = 2 * WINDOW
-    plain = RollingDiffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=steps, members=4,
-                                                                      starts=STARTS, seed=3)
-    renewed = RollingDiffusionForecaster.from_checkpoint(
-        with_sampling(ckpt, {"window_perturbation": 5.0, "perturbation_length": 2.0})
+    on get a fresh smooth field; the first W leads are the plain forecast's exactly, the next spreads more."""
+    diffusion_helpers.assert_window_perturbations_leave_the_first_window_alone(
+        RollingDiffusionForecaster, trained["checkpoint"], analysis[GLOBAL], window=WINDOW, amplitude=5.0
     )
-    first = renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3)
-    xr.testing.assert_equal(renewed.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3),
-                            first)
-    xr.testing.assert_equal(first.isel({LEAD: slice(0, WINDOW)}), plain.isel({LEAD: slice(0, WINDOW)}))
 
-    def spread(fc: xr.Dataset) -> float:
-        return float(fc.isel({LEAD: WINDOW}).std(MEMBER).to_array().mean())
-
-    assert spread(first) > 1.5 * spread(plain), (spread(first), spread(plain))
-    assert np.isfinite(first.to_array().values).all()
-    with pytest.raises(ConfigError, match="window_perturbation"):
-        with_sampling(ckpt, {"window_perturbation": -1.0})
 
 
 def test_checkpoint_round_trip_gives_identical_forecasts(trained, analysis, tmp_path):
