@@ -260,3 +260,17 @@ def test_samplers_reject_bad_arguments():
         sample(gaussian_denoiser, unit_noise(2), sigmas.flip(0))
     with pytest.raises(ValueError, match="2 generators for a batch of 3"):
         sample(gaussian_denoiser, unit_noise(3), sigmas, churn=1.0, generator=[torch.Generator()] * 2)
+
+
+def test_every_sampling_key_is_a_setting_of_its_familys_config():
+    """``--sampling`` keys (forecasting.inference.SAMPLING_KEYS) must name fields of the family's model config,
+    or with_sampling could never apply them."""
+    from forecasting.config import DiffusionModelConfig, DYffusionModelConfig, RollingDiffusionModelConfig
+    from forecasting.inference import SAMPLING_KEYS
+
+    classes = {"diffusion": DiffusionModelConfig, "rolling": RollingDiffusionModelConfig,
+               "dyffusion": DYffusionModelConfig}
+    assert set(SAMPLING_KEYS) == set(classes)
+    for family, keys in SAMPLING_KEYS.items():
+        missing = [key for key in keys if key not in classes[family].model_fields]
+        assert not missing, (family, missing)

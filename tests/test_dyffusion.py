@@ -341,6 +341,16 @@ def test_forecaster_dropout_at_inference_needs_a_forecaster_dropout(stores):
     assert dyffusion_config(stores, model={"forecaster_dropout_at_inference": True, "dropout": 0.1})
 
 
+def test_forecaster_dropout_at_inference_is_a_sampling_choice(trained):
+    """``--sampling forecaster_dropout_at_inference=...`` rebuilds the forecaster with Monte Carlo dropout on or
+    off, validated like the config: on needs a forecaster trained with dropout (the tiny one has none)."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    off = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"forecaster_dropout_at_inference": False}))
+    assert off.model.forecaster.dropout_at_inference is False
+    with pytest.raises(ConfigError, match="forecaster_dropout_at_inference needs a forecaster dropout above 0"):
+        with_sampling(ckpt, {"forecaster_dropout_at_inference": True})
+
+
 def test_config_needs_a_sampling_step_per_whole_step(stores):
     with pytest.raises(ConfigError, match=r"sampling_steps \(2\) must be at least the horizon \(3\)"):
         dyffusion_config(stores, model={"sampling_steps": 2})
