@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import Tensor
 
 from forecasting.config import ConfigError, ExperimentConfig
 from forecasting.diffusion.rolling import (
@@ -115,26 +116,35 @@ def _tiny_model(window: int = 3) -> RollingDiffusion:
     )
 
 
-@pytest.mark.parametrize(("method", "init"), [("euler", False), ("heun", False), ("heun", True)])
-def test_a_pass_finishes_the_first_frame_and_brings_the_others_to_their_next_noise(method, init):
-    """With a denoiser that always returns the clean window y, the ODE x(sigma) = y + sigma / sigma_0 (x_0 - y) is
-    solved exactly by Euler and Heun steps: from y + sigma_k(t = 1) n, frame 0 ends at y exactly (sigma 0) and
-    frame k at y + sigma_k(t = 0) n, the noise it starts the next pass with."""
-    model = _tiny_model()
-    schedule = model.schedule
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randn((2, 3, 2, 4, 6), generator=generator)
-    calls = []
+def _noised_window_with_exact_denoiser(
+    model: RollingDiffusion, shape: tuple[int, ...], *, init: bool, seed: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """A clean window y of ``shape``, the model's denoiser replaced by one that always returns y (recording the
+    noise levels it is called with), and y noised at the levels of t = 1: returns (y, x_0, noise, levels at
+    t = 1, levels at t = 0, calls)."""
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randn(shape, generator=generator)
+    calls: list[Tensor] = []
 
     def denoise(x, sigma, condition):
         calls.append(sigma.clone())
         return clean
 
     model.denoise = denoise
-    start = schedule.sigmas(torch.tensor(1.0), init=init).float()  # (W,)
-    end = schedule.sigmas(torch.tensor(0.0), init=init).float()
+    start = model.schedule.sigmas(torch.tensor(1.0), init=init).float()  # (W,)
+    end = model.schedule.sigmas(torch.tensor(0.0), init=init).float()
     noise = torch.randn(clean.shape, generator=generator)
-    x0 = clean + start.view(1, 3, 1, 1, 1) * noise
+    x0 = clean + start.view(1, -1, 1, 1, 1) * noise
+    return clean, x0, noise, start, end, calls
+
+
+@pytest.mark.parametrize(("method", "init"), [("euler", False), ("heun", False), ("heun", True)])
+def test_a_pass_finishes_the_first_frame_and_brings_the_others_to_their_next_noise(method, init):
+    """With a denoiser that always returns the clean window y, the ODE x(sigma) = y + sigma / sigma_0 (x_0 - y) is
+    solved exactly by Euler and Heun steps: from y + sigma_k(t = 1) n, frame 0 ends at y exactly (sigma 0) and
+    frame k at y + sigma_k(t = 0) n, the noise it starts the next pass with."""
+    model = _tiny_model()
+    clean, x0, noise, _, end, calls = _noised_window_with_exact_denoiser(model, (2, 3, 2, 4, 6), init=init, seed=0)
     out = model.denoising_pass(x0, torch.zeros(2, 1, 4, 6), init=init, steps=4, method=method)
     assert len(calls) == evaluations(method, 4)
     assert all((sigma > 0).all() for sigma in calls)  # the network never sees a clean frame
@@ -149,20 +159,9 @@ def test_churn_renews_the_noise_at_the_right_level_and_still_finishes_the_first_
     sees each churned frame at sigma_k (1 + gamma), gamma = churn / (W steps), and only frames within
     [s_tmin, s_tmax] are churned. The fresh noise comes from one generator per row."""
     model = _tiny_model()
-    schedule = model.schedule
-    generator = torch.Generator().manual_seed(1)
-    clean = torch.randn((3, 3, 2, 16, 32), generator=generator)
-    calls = []
-
-    def denoise(x, sigma, condition):
-        calls.append(sigma.clone())
-        return clean
-
-    model.denoise = denoise
-    start = schedule.sigmas(torch.tensor(1.0), init=False).float()
-    end = schedule.sigmas(torch.tensor(0.0), init=False).float()
-    noise = torch.randn(clean.shape, generator=generator)
-    x0 = clean + start.view(1, 3, 1, 1, 1) * noise
+    clean, x0, noise, start, end, calls = _noised_window_with_exact_denoiser(
+        model, (3, 3, 2, 16, 32), init=False, seed=1
+    )
 
     def run(churn, s_tmin=0.0, seeds=(5, 6, 7)):
         calls.clear()
