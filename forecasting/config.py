@@ -167,6 +167,10 @@ class GraphModelConfig(StrictModel):
     coarse points inside it (Nipen et al.), ``overlap`` keeps them as data nodes too, and ``refine`` keeps
     them and makes each fine node's tendency the bilinear interpolation of the coarse nodes' tendencies
     plus the network's own output there, so the fine grid's large scales move with the coarse grid's.
+
+    ``encoder_aggregation`` is how a mesh node combines its data nodes' messages: ``sum`` (GraphCast) or
+    ``mean``. Over the fine grid the mesh nodes read far more data nodes than elsewhere, so summed
+    messages there have another scale (forecasting.models.layers).
     """
 
     family: Literal["graph"] = "graph"
@@ -187,6 +191,7 @@ class GraphModelConfig(StrictModel):
     checkpoint_processor: bool = False
     boundary_width: int = Field(2, ge=1)
     nesting: Literal["cutout", "overlap", "refine"] = "cutout"
+    encoder_aggregation: Literal["sum", "mean"] = "sum"
 
     @model_validator(mode="after")
     def _levels(self) -> GraphModelConfig:

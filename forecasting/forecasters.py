@@ -580,6 +580,7 @@ class GraphStepNetwork(nn.Module):
         mlp_hidden_layers: int,
         noise_channels: int,
         checkpoint_processor: bool,
+        encoder_aggregation: str,
         node_flags: np.ndarray | None,
         boundary_mask: np.ndarray | None,
     ) -> None:
@@ -612,6 +613,7 @@ class GraphStepNetwork(nn.Module):
             mlp_hidden_layers=mlp_hidden_layers,
             noise_channels=noise_channels,
             checkpoint_processor=checkpoint_processor,
+            encoder_aggregation=encoder_aggregation,
         )
 
     def forward(self, inputs: StepInputs) -> Tensor:
@@ -1140,6 +1142,7 @@ class GraphForecaster(Forecaster):
             mlp_hidden_layers=model_config.mlp_hidden_layers,
             noise_channels=model_config.noise_channels,
             checkpoint_processor=model_config.checkpoint_processor,
+            encoder_aggregation=model_config.encoder_aggregation,
             node_flags=self.layout.is_regional[:, None] if two_grids else None,
             boundary_mask=self.strip,
         )

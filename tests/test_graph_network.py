@@ -100,8 +100,9 @@ def test_edge_features_are_normalised_by_the_longest_edge_of_each_set(graph):
 # ----------------------------------------------------------------------------------------------
 # Interaction network
 # ----------------------------------------------------------------------------------------------
-def _naive_interaction(net: InteractionNetwork, h_src, h_dst, e, edges):
-    """Edge-by-edge, node-by-node reference of the interaction network (unsplit first Linear)."""
+def _naive_interaction(net: InteractionNetwork, h_src, h_dst, e, edges, *, mean: bool = False):
+    """Edge-by-edge, node-by-node reference of the interaction network (unsplit first Linear); ``mean``
+    divides each receiver's sum by its number of incoming edges."""
     w_first = torch.cat([net.edge_proj.weight, net.src_proj.weight, net.dst_proj.weight], dim=1)  # (H, 3H)
     batch, n_edges = h_src.shape[0], edges.shape[1]
     e_new = torch.zeros(batch, n_edges, h_src.shape[2], dtype=h_src.dtype)
@@ -114,10 +115,12 @@ def _naive_interaction(net: InteractionNetwork, h_src, h_dst, e, edges):
     h_new = torch.zeros_like(h_dst)
     for b in range(batch):
         for i in range(h_dst.shape[1]):
-            total = torch.zeros(h_dst.shape[2], dtype=h_dst.dtype)
+            total, count = torch.zeros(h_dst.shape[2], dtype=h_dst.dtype), 0
             for k in range(n_edges):
                 if int(edges[1, k]) == i:
-                    total = total + e_new[b, k]
+                    total, count = total + e_new[b, k], count + 1
+            if mean and count:
+                total = total / count
             h_new[b, i] = h_dst[b, i] + net.node_mlp(torch.cat([h_dst[b, i], total]))
     return h_new, e_new
 
@@ -144,6 +147,27 @@ def test_interaction_network_sum_aggregation_equals_naive_loop(tiny_bipartite):
     # A receiver without edges aggregates a zero sum.
     expected = h_dst[:, 4] + net.node_mlp(torch.cat([h_dst[:, 4], torch.zeros_like(h_dst[:, 4])], -1))
     torch.testing.assert_close(h_new[:, 4], expected)
+
+
+def test_interaction_network_mean_aggregation_equals_naive_loop_and_ignores_repeated_senders(tiny_bipartite):
+    """The mean divides each receiver's summed messages by its in-degree; so sending every message of a
+    receiver twice leaves a mean-aggregating node unchanged (but doubles a sum)."""
+    _, h_src, h_dst, e, edges = tiny_bipartite
+    torch.manual_seed(1)
+    net = InteractionNetwork(8, mlp_hidden_layers=2, aggregation="mean").double()
+    h_new, e_new = net(h_src, h_dst, e, edges)
+    h_ref, e_ref = _naive_interaction(net, h_src, h_dst, e, edges, mean=True)
+    torch.testing.assert_close(e_new, e_ref)
+    torch.testing.assert_close(h_new, h_ref)
+    expected = h_dst[:, 4] + net.node_mlp(torch.cat([h_dst[:, 4], torch.zeros_like(h_dst[:, 4])], -1))
+    torch.testing.assert_close(h_new[:, 4], expected)  # no edges: zeros, as with the sum
+    doubled_edges, doubled_e = torch.cat([edges, edges], dim=1), torch.cat([e, e], dim=1)
+    torch.testing.assert_close(net(h_src, h_dst, doubled_e, doubled_edges)[0], h_new)
+    summing = InteractionNetwork(8, mlp_hidden_layers=2).double()
+    summing.load_state_dict(net.state_dict())
+    assert not torch.allclose(summing(h_src, h_dst, doubled_e, doubled_edges)[0], summing(h_src, h_dst, e, edges)[0])
+    with pytest.raises(ValueError, match="aggregation must be 'sum' or 'mean'; found 'max'"):
+        InteractionNetwork(8, aggregation="max")
 
 
 def test_interaction_network_is_equivariant_to_edge_and_node_order(tiny_bipartite):

@@ -357,6 +357,23 @@ def test_radius_encoder_follows_the_local_mesh_spacing(stretched_graph):
     assert summary["mesh_spacing_km_in_region"] < 0.5 * summary["mesh_spacing_km_outside_region"]
     # Fallback edges exist only where the fine margin mesh lies over coarse data (no data in its reach).
     assert summary["encoder_fallback_edges"] < 0.05 * summary["encoder_edges"]
+    # The in-degree means split the encoder edges between the mesh nodes that read the fine grid and the rest.
+    readers, others = summary["mesh_nodes_reading_regional"], summary["mesh_nodes"] - summary["mesh_nodes_reading_regional"]
+    assert 0 < readers < summary["mesh_nodes"]
+    total = readers * summary["encoder_in_degree_reading_regional"] + others * summary["encoder_in_degree_other"]
+    assert total == pytest.approx(summary["encoder_edges"])
+
+
+def test_a_coarse_mesh_over_the_fine_grid_reads_many_more_data_nodes_there():
+    """Without mesh refinement the few mesh nodes over the regional grid each read many fine points: the
+    imbalance that ``model.encoder_aggregation: mean`` removes from the encoder's messages."""
+    coarse_lat, coarse_lon = _coarse_axes()
+    regional_lat, regional_lon = _regional_axes(NORDIC)
+    graph = build_forecast_graph(coarse_lat=coarse_lat, coarse_lon=coarse_lon, regional_lat=regional_lat,
+                                 regional_lon=regional_lon, region=NORDIC, global_level=2, regional_level=2,
+                                 margin_deg=4.0, keep_coarse_in_region=True)
+    summary = graph.summary()
+    assert summary["encoder_in_degree_reading_regional"] > 3 * summary["encoder_in_degree_other"]
 
 
 def test_coarse_nodes_inside_the_regional_grid_are_replaced_by_regional_nodes(stretched_graph):

@@ -238,6 +238,9 @@ class ForecastGraph:
         there is nothing to average. ``mesh_spacing_km_*`` is the mean of :meth:`MeshGraph.local_spacing`.
         ``encoder_fallback_edges`` counts encoder edges longer than the radius rule allows (added so that no
         data or mesh node is left out); None for the knn encoder, which has no radius.
+        ``encoder_in_degree_*`` are the mean numbers of encoder edges into the mesh nodes that read at least
+        one regional data node and into the others: over a dense fine grid on a coarse mesh the first is
+        far larger, which matters for summed messages (``model.encoder_aggregation``).
         """
         mesh = self.mesh
 
@@ -254,6 +257,13 @@ class ForecastGraph:
         if arguments.get("encoder") == "radius":
             reach = encoder_radius(mesh, factor=arguments["encoder_radius_factor"])[self.encoder_edges[1]]
             fallback = int(np.count_nonzero(enc_len > reach * (1 + 1e-5)))
+        in_degree = np.bincount(self.encoder_edges[1], minlength=mesh.num_nodes)
+        reads_regional = np.zeros(mesh.num_nodes, dtype=bool)
+        reads_regional[self.encoder_edges[1][self.data_is_regional[self.encoder_edges[0]]]] = True
+
+        def mean_degree(mask: np.ndarray) -> float | None:
+            return float(in_degree[mask].mean()) if mask.any() else None
+
         return {
             "data_nodes": int(len(self.data_xyz)),
             "data_nodes_coarse": int(np.count_nonzero(~self.data_is_regional)),
@@ -266,6 +276,9 @@ class ForecastGraph:
             "encoder_edges": int(self.encoder_edges.shape[1]),
             "decoder_edges": int(self.decoder_edges.shape[1]),
             "encoder_fallback_edges": fallback,
+            "mesh_nodes_reading_regional": int(np.count_nonzero(reads_regional)),
+            "encoder_in_degree_reading_regional": mean_degree(reads_regional),
+            "encoder_in_degree_other": mean_degree(~reads_regional),
             "mesh_spacing_km_in_region": mean_km(spacing, mesh.in_region),
             "mesh_spacing_km_outside_region": mean_km(spacing, ~mesh.in_region),
             "encoder_edge_km_in_region": mean_km(enc_len, enc_in),

@@ -123,6 +123,9 @@ class EncodeProcessDecode(nn.Module):
         checkpoint_processor: Recompute each processor layer in the backward pass
             (``torch.utils.checkpoint``, non-reentrant) instead of storing its activations: less memory at
             large sizes for about one more processor forward pass. Only active while gradients are enabled.
+        encoder_aggregation: How each mesh node combines the messages of its data nodes, ``"sum"``
+            (GraphCast) or ``"mean"`` (one scale for mesh nodes over the fine grid and elsewhere; see
+            :mod:`forecasting.models.layers`). The processor and decoder always sum.
 
     Raises:
         TypeError: ``graph`` is not a :class:`GraphTensors` (e.g. a path: modules take tensors, not files).
@@ -140,6 +143,7 @@ class EncodeProcessDecode(nn.Module):
         mlp_hidden_layers: int = 1,
         noise_channels: int = 0,
         checkpoint_processor: bool = False,
+        encoder_aggregation: str = "sum",
     ) -> None:
         super().__init__()
         if not isinstance(graph, GraphTensors):
@@ -186,7 +190,7 @@ class EncodeProcessDecode(nn.Module):
         self.encoder_edge_embed = latent_mlp(graph.encoder_edge_features.shape[1])
         self.mesh_edge_embed = latent_mlp(n_edge_features)
         self.decoder_edge_embed = latent_mlp(graph.decoder_edge_features.shape[1])
-        self.encoder = InteractionNetwork(hidden, mlp_hidden_layers=mlp_hidden_layers)
+        self.encoder = InteractionNetwork(hidden, mlp_hidden_layers=mlp_hidden_layers, aggregation=encoder_aggregation)
         # GraphCast also updates the data-node latents after the encoder (they send nothing more there).
         self.data_update = latent_mlp(hidden)
         self.noise_embed = (

@@ -7,6 +7,13 @@ the stretched grid): for an edge set from sender nodes to receiver nodes,
     e'_k = e_k + MLP_e([e_k, h_src[s_k], h_dst[r_k]])            (edge update)
     h'_i = h_i + MLP_n([h_i, sum_{k: r_k = i} e'_k])              (node update, sum aggregation)
 
+or, with ``aggregation="mean"``, the sum divided by the receiver's number of incoming edges. Sums are
+GraphCast's choice, where every receiver has about the same number of senders. On a stretched grid the
+mesh nodes over the fine grid receive an order of magnitude more encoder edges than the rest (they read
+dozens of fine points where other mesh nodes read a few coarse ones), so their summed messages differ in
+scale from every other node's; a mean keeps one scale for all (the AIFS encoder, a graph transformer,
+normalises its messages by attention weights, which also sum to one).
+
 Conventions: node latents are ``(B, N, H)`` (batch, node, feature); edge latents ``(B, E, H)`` or ``(1, E, H)``
 when they are the same for every sample (embedded static edge features); edges are ``(2, E)`` integer
 tensors, row 0 the sender index, row 1 the receiver index. Nothing here loops over nodes or edges in Python
@@ -86,10 +93,17 @@ class InteractionNetwork(nn.Module):
         condition_channels: When > 0 the node MLP ends in a :class:`ConditionalLayerNorm` driven by a
             per-receiver condition of this width (the noise of a probabilistic model); otherwise in a plain
             LayerNorm.
+        aggregation: ``"sum"`` (GraphCast) or ``"mean"`` of the incoming messages (a receiver without edges
+            gets zeros either way).
     """
 
-    def __init__(self, hidden: int, *, mlp_hidden_layers: int = 1, condition_channels: int = 0) -> None:
+    def __init__(
+        self, hidden: int, *, mlp_hidden_layers: int = 1, condition_channels: int = 0, aggregation: str = "sum"
+    ) -> None:
         super().__init__()
+        if aggregation not in ("sum", "mean"):
+            raise ValueError(f"InteractionNetwork aggregation must be 'sum' or 'mean'; found {aggregation!r}")
+        self.aggregation = aggregation
         if mlp_hidden_layers < 1:
             raise ValueError(f"InteractionNetwork needs mlp_hidden_layers >= 1; found {mlp_hidden_layers}")
         if condition_channels < 0:
@@ -134,6 +148,9 @@ class InteractionNetwork(nn.Module):
         e_new = e + self.edge_rest(pre)  # (B, E, H)
         batch, n_dst = e_new.shape[0], h_dst.shape[1]
         aggregated = e_new.new_zeros((batch, n_dst, e_new.shape[2])).index_add_(1, receiver, e_new)  # (B, Nd, H)
+        if self.aggregation == "mean":
+            counts = e_new.new_zeros((n_dst,)).index_add_(0, receiver, e_new.new_ones(receiver.shape))  # (Nd,)
+            aggregated = aggregated / counts.clamp(min=1).unsqueeze(-1)
         update = self.node_mlp(torch.cat([h_dst.expand(batch, -1, -1), aggregated.to(h_dst.dtype)], dim=-1))
         if self.node_norm is not None:
             update = self.node_norm(update, condition)

@@ -155,7 +155,8 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
     (the network sizes of the config); otherwise ConfigError/SourceError name the file and what differs.
     Graph networks share their weights across nodes, so a checkpoint trained on another mesh or grid loads;
     but not across ``model.nesting: refine`` and the others, whose regional outputs mean different things
-    (a correction to the interpolated coarse tendency, or the whole tendency) with the same shapes.
+    (a correction to the interpolated coarse tendency, or the whole tendency) with the same shapes, nor
+    across ``model.encoder_aggregation`` (the encoder's weights were fitted to sums or to means).
     """
     from forecasting.training.checkpoint import load_checkpoint
 
@@ -170,6 +171,13 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
                 f"{where} was trained with model.nesting {theirs!r} and the config asks for "
                 f"{model_config.nesting!r}: the network's regional output means another thing in 'refine'; "
                 f"fine-tune with model.nesting: {theirs}"
+            )
+        theirs = (checkpoint.config.get("model") or {}).get("encoder_aggregation", "sum")
+        if theirs != model_config.encoder_aggregation:
+            raise ConfigError(
+                f"{where} was trained with model.encoder_aggregation {theirs!r} and the config asks for "
+                f"{model_config.encoder_aggregation!r}: the same weights read messages of another scale; "
+                f"fine-tune with model.encoder_aggregation: {theirs}"
             )
     own = model.state_dict()
     missing = sorted(set(own) - set(checkpoint.state_dict))
