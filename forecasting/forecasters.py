@@ -45,7 +45,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -580,7 +580,7 @@ class GraphStepNetwork(nn.Module):
         mlp_hidden_layers: int,
         noise_channels: int,
         checkpoint_processor: bool,
-        encoder_aggregation: str,
+        encoder_aggregation: Literal["sum", "mean"],
         node_flags: np.ndarray | None,
         boundary_mask: np.ndarray | None,
     ) -> None:

@@ -22,6 +22,7 @@ divided, per edge set, by that set's longest edge (GraphCast), computed once at 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class EncodeProcessDecode(nn.Module):
         mlp_hidden_layers: int = 1,
         noise_channels: int = 0,
         checkpoint_processor: bool = False,
-        encoder_aggregation: str = "sum",
+        encoder_aggregation: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__()
         if not isinstance(graph, GraphTensors):

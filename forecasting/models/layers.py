@@ -23,6 +23,7 @@ or depends on edge values for shapes, so the modules run under ``torch.compile``
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +99,8 @@ class InteractionNetwork(nn.Module):
     """
 
     def __init__(
-        self, hidden: int, *, mlp_hidden_layers: int = 1, condition_channels: int = 0, aggregation: str = "sum"
+        self, hidden: int, *, mlp_hidden_layers: int = 1, condition_channels: int = 0,
+        aggregation: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__()
         if aggregation not in ("sum", "mean"):
