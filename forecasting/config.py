@@ -404,7 +404,10 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     window after the first: spread renewed as the forecast goes on, where the initial perturbations are damped.
     ``estimate_perturbation`` > 0 adds such a field, drawn once per member and window, to every forecaster
     estimate ``x^_{t+h}`` of the window, so that the interpolated states carry a growing share of it through the
-    window (ours, not the paper's).
+    window (ours, not the paper's). ``training_windows`` K > 1 trains the forecaster (stage 2) on the last of
+    K chained windows: a random number 0 .. K-1 of windows per batch is first sampled by the model itself
+    (cold sampling, no gradients), so that the forecaster learns to start from its own forecasts as it
+    must beyond the horizon (the pushforward trick of Brandstetter et al. 2022; ours, not the paper's).
     """
 
     family: Literal["dyffusion"] = "dyffusion"
@@ -417,6 +420,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     sampling_steps: int | None = Field(None, ge=2)
     window_perturbation: float = Field(0.0, ge=0)
     estimate_perturbation: float = Field(0.0, ge=0)
+    training_windows: int = Field(1, ge=1, le=16)
 
     @model_validator(mode="after")
     def _valid(self) -> DYffusionModelConfig:

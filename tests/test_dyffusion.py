@@ -288,6 +288,58 @@ def test_objective_stages_follow_the_step_counter(stores):
         objective(model, batch, steps=2, generator=torch.Generator())
 
 
+def test_chained_windows_train_the_forecaster_from_its_own_sampled_states(stores):
+    """training_windows K: the batch holds K windows of targets; stage 1 is unchanged (first window), stage 2
+    samples k ~ U{0 .. K-1} windows with the model and trains on window k + 1 against its true end."""
+    setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model={"training_windows": 3, "lookahead_weight": 0.0}))
+    objective, model = setup.objective, setup.model
+    assert isinstance(objective, DYffusionObjective) and objective.training_windows == 3
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(3)])
+    assert batch["targets"].shape[1] == 3 * HORIZON and batch["forcings"].shape[1] == 2 + 3 * HORIZON
+    model.train()
+    first = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(0))
+    assert first["stage"].item() == 1 and "sampled_windows" not in first
+    model.trained_steps.fill_(STAGE_ONE)
+    seen: dict[int, float] = {}
+    for seed in range(12):
+        torch.manual_seed(0)
+        metrics = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(seed))
+        assert metrics["stage"].item() == 2 and metrics["loss"].requires_grad
+        seen[int(metrics["sampled_windows"])] = metrics["forecast_rmse"].item()
+    assert set(seen) == {0, 1, 2}
+
+    # Window k + 1 is trained from the states the model sampled over the first k windows: with stand-in
+    # networks (the forecaster adds a constant change, the interpolator is linear) the sampled states are known
+    # exactly, and the forecaster's loss is measured against window k + 1's true end.
+    calls = {"forecaster": 0, "interpolator": 0}
+    change = 0.25
+    forecast, interpolate = _fake(HORIZON, calls, change)
+    starts_seen: list[torch.Tensor] = []
+
+    def recording_forecast(state, states, i, forcings, static, generators=None):
+        starts_seen.append(states[:, -1].detach().clone())
+        return forecast(state, states, i, forcings, static, generators)
+
+    model.forecast, model.interpolate = recording_forecast, interpolate
+    seed = next(s for s in range(100) if int(torch.randint(0, 3, (1,), generator=torch.Generator().manual_seed(s))) == 2)
+    metrics = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(seed))
+    assert int(metrics["sampled_windows"]) == 2
+    # two sampled windows of HORIZON forecaster calls each, then the trained one's single call
+    assert calls["forecaster"] == 2 * HORIZON + 1
+    torch.testing.assert_close(starts_seen[-1], batch["inputs"][:, -1].float() + 2 * change)
+    expected = torch.sqrt((((batch["inputs"][:, -1].float() + 3 * change - batch["targets"][:, 3 * HORIZON - 1].float())
+                            * model.residual_scale) ** 2 * objective.point_weights(torch.device("cpu"))).mean())
+    torch.testing.assert_close(metrics["forecast_rmse"], expected)
+
+
+def test_chained_windows_are_refused_without_enough_targets(stores):
+    setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model={"training_windows": 2}))
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])
+    batch["targets"] = batch["targets"][:, :HORIZON]
+    with pytest.raises(ValueError, match=r"2 window\(s\) of a horizon of 3 steps need 6 targets; found 3"):
+        setup.objective(setup.model, batch, steps=1, generator=torch.Generator())
+
+
 # ----------------------------------------------------------------------------------------------
 # Forecasts and checkpoints
 # ----------------------------------------------------------------------------------------------

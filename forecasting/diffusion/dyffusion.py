@@ -21,6 +21,13 @@ comes from the network's step counter ``trained_steps`` (a persistent buffer, so
 right stage); entering stage 2 switches off the interpolator's gradients, and re-freezes it on every later
 step (a resumed run rebuilds the module with gradients on). The learning-rate schedule spans the whole run.
 
+Chained windows (``training_windows`` K > 1, ours, not the paper's): beyond the horizon every window starts
+from the last window's forecast, which the two networks never see in training. With K > 1 a batch holds K
+windows of targets; for each stage-2 step a number ``k ~ U{0 .. K-1}`` is drawn, the first ``k`` windows are
+cold-sampled from the analyses by the model itself (no gradients, dropout as in training), and the forecaster
+loss above is taken on window ``k + 1`` from those sampled states against its true end (the pushforward
+trick of Brandstetter, Worrall and Welling 2022). The interpolator stage always uses the first window.
+
 Sampling is the paper's cold sampling (Algorithm 2) on a schedule ``0 = i_0 < i_1 < ... < i_{N-1} < i_N = h``:
 
     s^(0) = x_t;   for n = 0 .. N-1:
@@ -248,27 +255,34 @@ class DYffusion(OneGridNetwork):
 class DYffusionObjective(WeightedObjective):
     """The two-stage DYffusion loss on batches of WindowDataset windows (see the module docstring).
 
-    A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, h, C, H, W) normalised, ``forcings``
-    (B, T_in + h, F, H, W) and ``static`` (B, S, H, W). Steps whose network counter ``trained_steps`` is
+    A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, K h, C, H, W) normalised (K =
+    ``training_windows``), ``forcings`` (B, T_in + K h, F, H, W) and ``static`` (B, S, H, W). Steps whose network counter ``trained_steps`` is
     below ``interpolator_steps`` train the interpolator, later ones the forecaster (interpolator frozen, its
     states drawn without gradients). Errors are in tendency-std units, weighted by ``area_weights`` (H,) and
     ``channel_weights`` (C,) (both mean 1). A training call (module in training mode, gradients on) advances
     ``trained_steps`` by one.
 
+    With ``training_windows`` K > 1 the batch holds ``K h`` targets and stage 2 trains on a chained window
+    (see the module docstring).
+
     Metrics besides ``loss``: ``stage`` (1 interpolator, 2 forecaster); ``interpolation_rmse`` in stage 1;
-    ``forecast_rmse`` and, with ``lookahead_weight > 0``, ``lookahead_rmse`` in stage 2.
+    ``forecast_rmse`` and, with ``lookahead_weight > 0``, ``lookahead_rmse`` in stage 2; with K > 1 also
+    ``sampled_windows`` (the windows the model sampled before the trained one) in stage 2.
     """
 
     def __init__(
-        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float
+        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float,
+        training_windows: int = 1,
     ) -> None:
-        if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0:
+        if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0 or training_windows < 1:
             raise ValueError(
-                f"need interpolator_steps >= 1 and 0 <= lookahead_weight < 1; found {interpolator_steps}, {lookahead_weight}"
+                "need interpolator_steps >= 1, 0 <= lookahead_weight < 1 and training_windows >= 1; found "
+                f"{interpolator_steps}, {lookahead_weight}, {training_windows}"
             )
         super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
+        self.training_windows = int(training_windows)
 
     def stage(self, model: DYffusion) -> int:
         """The stage the network's next step trains: 1 (interpolator) or 2 (forecaster)."""
@@ -285,16 +299,27 @@ class DYffusionObjective(WeightedObjective):
             model.trained_steps += 1
         inputs, targets = batch["inputs"].float(), batch["targets"].float()
         batch_size, steps_in = inputs.shape[:2]
-        horizon = model.horizon
-        if targets.shape[1] != horizon:
-            raise ValueError(f"a horizon of {horizon} steps needs {horizon} targets; found {targets.shape[1]}")
+        horizon, windows = model.horizon, self.training_windows
+        if targets.shape[1] != horizon * windows:
+            raise ValueError(
+                f"{windows} window(s) of a horizon of {horizon} steps need {horizon * windows} targets; "
+                f"found {targets.shape[1]}"
+            )
         device = inputs.device
         all_forcings, static = batch["forcings"], batch["static"]
         rows = torch.arange(batch_size, device=device)
 
-        def forcings(i: Tensor) -> Tensor:  # the input times, t + i and t + h: (B, T_in + 2, F, H, W)
-            return torch.cat([all_forcings[:, :steps_in], all_forcings[rows, steps_in - 1 + i][:, None],
-                              all_forcings[:, -1:]], dim=1)
+        def window_forcings(k: int) -> Callable[[Tensor], Tensor]:
+            first = k * horizon  # window k: inputs at first .. first + T_in - 1, then t + i and t + h
+
+            def forcings(i: Tensor) -> Tensor:  # the input times, t + i and t + h: (B, T_in + 2, F, H, W)
+                return torch.cat([all_forcings[:, first:first + steps_in],
+                                  all_forcings[rows, first + steps_in - 1 + i][:, None],
+                                  all_forcings[:, first + steps_in - 1 + horizon][:, None]], dim=1)
+
+            return forcings
+
+        forcings = window_forcings(0)
 
         weights = self.point_weights(device)  # (C, H, 1)
 
@@ -311,7 +336,16 @@ class DYffusionObjective(WeightedObjective):
             return metrics
 
         model.interpolator.requires_grad_(False)
-        end = targets[:, -1]
+        if windows > 1:
+            sampled = int(torch.randint(0, windows, (1,), generator=generator, device=device))
+            metrics["sampled_windows"] = torch.tensor(float(sampled), device=device)
+            if sampled:
+                with torch.no_grad():
+                    inputs = self._sampled_states(model, inputs, static, window_forcings, sampled)
+            forcings = window_forcings(sampled)
+            end = targets[:, (sampled + 1) * horizon - 1]
+        else:
+            end = targets[:, horizon - 1]
         i = torch.randint(0, horizon, (batch_size,), generator=generator, device=device)
         state = inputs[:, -1].clone()
         later = i > 0
@@ -334,6 +368,23 @@ class DYffusionObjective(WeightedObjective):
             loss = (1.0 - self.lookahead_weight) * loss + self.lookahead_weight * lookahead
         metrics["loss"] = loss
         return metrics
+
+    @staticmethod
+    def _sampled_states(model: DYffusion, states: Tensor, static: Tensor,
+                        window_forcings: Callable[[int], Callable[[Tensor], Tensor]], windows: int) -> Tensor:
+        """The last ``T_in`` states (B, T_in, C, H, W) after cold-sampling ``windows`` windows from ``states``
+        on the whole-step schedule (the networks' dropout as the module's mode has it)."""
+        schedule = sampling_schedule(model.horizon, model.horizon)
+        batch = states.shape[0]
+        for k in range(windows):
+            forcings = window_forcings(k)
+
+            def at(i: float, forcings: Callable[[Tensor], Tensor] = forcings) -> Tensor:
+                return forcings(torch.full((batch,), int(i), dtype=torch.long, device=states.device))
+
+            path = [state for _, state in model.cold_sample(states, static, at, schedule)]
+            states = torch.cat([states, torch.stack(path, dim=1)], dim=1)[:, -states.shape[1]:]
+        return states
 
 
 class DYffusionForecaster(OneGridDiffusionForecaster):
@@ -446,7 +497,7 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
     Checks (before anything is written): no rollout schedule (``training.rollout`` of one stage of 1 step,
     ``val_rollout_steps`` unset or 1), no ``regional_loss_share`` (one grid), an interpolator stage that leaves
     optimiser steps for the forecaster, the store, variables, grid and periods. Windows of ``input_steps``
-    states and ``horizon`` targets come from :class:`~forecasting.data.torch_dataset.WindowDataset`.
+    states and ``horizon * training_windows`` targets come from :class:`~forecasting.data.torch_dataset.WindowDataset`.
     """
     training, data, model = config.training, config.data, config.model
     assert training is not None and data is not None and isinstance(model, DYffusionModelConfig)
@@ -463,9 +514,9 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
         )
     forecaster = DYffusionForecaster.from_stores(model, data)
     return one_grid_training_setup(
-        config, forecaster, target_steps=model.horizon,
+        config, forecaster, target_steps=model.horizon * model.training_windows,
         objective=partial(DYffusionObjective, interpolator_steps=interpolator_steps,
-                          lookahead_weight=model.lookahead_weight),
+                          lookahead_weight=model.lookahead_weight, training_windows=model.training_windows),
         summary={
             "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
                            for name in ("interpolator", "forecaster")},
