@@ -358,7 +358,8 @@ def test_radius_encoder_follows_the_local_mesh_spacing(stretched_graph):
     # Fallback edges exist only where the fine margin mesh lies over coarse data (no data in its reach).
     assert summary["encoder_fallback_edges"] < 0.05 * summary["encoder_edges"]
     # The in-degree means split the encoder edges between the mesh nodes that read the fine grid and the rest.
-    readers, others = summary["mesh_nodes_reading_regional"], summary["mesh_nodes"] - summary["mesh_nodes_reading_regional"]
+    readers = summary["mesh_nodes_reading_regional"]
+    others = summary["mesh_nodes"] - readers
     assert 0 < readers < summary["mesh_nodes"]
     total = readers * summary["encoder_in_degree_reading_regional"] + others * summary["encoder_in_degree_other"]
     assert total == pytest.approx(summary["encoder_edges"])

@@ -256,9 +256,9 @@ class DYffusionObjective(WeightedObjective):
     """The two-stage DYffusion loss on batches of WindowDataset windows (see the module docstring).
 
     A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, K h, C, H, W) normalised (K =
-    ``training_windows``), ``forcings`` (B, T_in + K h, F, H, W) and ``static`` (B, S, H, W). Steps whose network counter ``trained_steps`` is
-    below ``interpolator_steps`` train the interpolator, later ones the forecaster (interpolator frozen, its
-    states drawn without gradients). Errors are in tendency-std units, weighted by ``area_weights`` (H,) and
+    ``training_windows``), ``forcings`` (B, T_in + K h, F, H, W) and ``static`` (B, S, H, W). Steps whose
+    network counter ``trained_steps`` is below ``interpolator_steps`` train the interpolator, later ones the
+    forecaster (interpolator frozen, its states drawn without gradients). Errors are in tendency-std units, weighted by ``area_weights`` (H,) and
     ``channel_weights`` (C,) (both mean 1). A training call (module in training mode, gradients on) advances
     ``trained_steps`` by one.
 
@@ -271,8 +271,8 @@ class DYffusionObjective(WeightedObjective):
     """
 
     def __init__(
-        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int, lookahead_weight: float,
-        training_windows: int = 1,
+        self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int,
+        lookahead_weight: float, training_windows: int = 1,
     ) -> None:
         if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0 or training_windows < 1:
             raise ValueError(
@@ -497,7 +497,8 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
     Checks (before anything is written): no rollout schedule (``training.rollout`` of one stage of 1 step,
     ``val_rollout_steps`` unset or 1), no ``regional_loss_share`` (one grid), an interpolator stage that leaves
     optimiser steps for the forecaster, the store, variables, grid and periods. Windows of ``input_steps``
-    states and ``horizon * training_windows`` targets come from :class:`~forecasting.data.torch_dataset.WindowDataset`.
+    states and ``horizon * training_windows`` targets come from
+    :class:`~forecasting.data.torch_dataset.WindowDataset`.
     """
     training, data, model = config.training, config.data, config.model
     assert training is not None and data is not None and isinstance(model, DYffusionModelConfig)

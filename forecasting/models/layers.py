@@ -8,10 +8,10 @@ the stretched grid): for an edge set from sender nodes to receiver nodes,
     h'_i = h_i + MLP_n([h_i, sum_{k: r_k = i} e'_k])              (node update, sum aggregation)
 
 or, with ``aggregation="mean"``, the sum divided by the receiver's number of incoming edges. Sums are
-GraphCast's choice, where every receiver has about the same number of senders. On a stretched grid the
-mesh nodes over the fine grid receive an order of magnitude more encoder edges than the rest (they read
-dozens of fine points where other mesh nodes read a few coarse ones), so their summed messages differ in
-scale from every other node's; a mean keeps one scale for all (the AIFS encoder, a graph transformer,
+GraphCast's choice, where every receiver has about the same number of senders. On a stretched grid whose
+mesh is not refined over the fine grid, the mesh nodes there receive an order of magnitude more encoder
+edges than the rest (they read dozens of fine points where other mesh nodes read a few coarse ones), so
+their summed messages differ in scale from every other node's; a mean keeps one scale for all (the AIFS encoder, a graph transformer,
 normalises its messages by attention weights, which also sum to one).
 
 Conventions: node latents are ``(B, N, H)`` (batch, node, feature); edge latents ``(B, E, H)`` or ``(1, E, H)``
