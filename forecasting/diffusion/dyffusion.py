@@ -258,9 +258,9 @@ class DYffusionObjective(WeightedObjective):
     A batch holds ``inputs`` (B, T_in, C, H, W) and ``targets`` (B, K h, C, H, W) normalised (K =
     ``training_windows``), ``forcings`` (B, T_in + K h, F, H, W) and ``static`` (B, S, H, W). Steps whose
     network counter ``trained_steps`` is below ``interpolator_steps`` train the interpolator, later ones the
-    forecaster (interpolator frozen, its states drawn without gradients). Errors are in tendency-std units, weighted by ``area_weights`` (H,) and
-    ``channel_weights`` (C,) (both mean 1). A training call (module in training mode, gradients on) advances
-    ``trained_steps`` by one.
+    forecaster (interpolator frozen, its states drawn without gradients). Errors are in tendency-std units,
+    weighted by ``area_weights`` (H,) and ``channel_weights`` (C,) (both mean 1). A training call (module in
+    training mode, gradients on) advances ``trained_steps`` by one.
 
     With ``training_windows`` K > 1 the batch holds ``K h`` targets and stage 2 trains on a chained window
     (see the module docstring).

@@ -11,8 +11,8 @@ or, with ``aggregation="mean"``, the sum divided by the receiver's number of inc
 GraphCast's choice, where every receiver has about the same number of senders. On a stretched grid whose
 mesh is not refined over the fine grid, the mesh nodes there receive an order of magnitude more encoder
 edges than the rest (they read dozens of fine points where other mesh nodes read a few coarse ones), so
-their summed messages differ in scale from every other node's; a mean keeps one scale for all (the AIFS encoder, a graph transformer,
-normalises its messages by attention weights, which also sum to one).
+their summed messages differ in scale from every other node's; a mean keeps one scale for all (the AIFS
+encoder, a graph transformer, normalises its messages by attention weights, which also sum to one).
 
 Conventions: node latents are ``(B, N, H)`` (batch, node, feature); edge latents ``(B, E, H)`` or ``(1, E, H)``
 when they are the same for every sample (embedded static edge features); edges are ``(2, E)`` integer
