@@ -396,8 +396,11 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     in one ``forecast train``: the interpolator for ``interpolator_steps`` optimiser steps (None: half of
     ``training.max_steps``), then the forecaster on interpolated states with the interpolator frozen;
     ``lookahead_weight`` is the share of the forecaster loss taken by the paper's one-step look-ahead
-    term. Sampling (cold sampling) visits ``sampling_steps`` interpolation times per window (None: the
-    horizon): the whole steps 0 .. h-1 plus ``sampling_steps - horizon`` extra ones evenly in (0, 1);
+    term. ``sampler`` ``cold`` is the paper's cold sampling, which visits ``sampling_steps`` interpolation
+    times per window (None: the horizon): the whole steps 0 .. h-1 plus ``sampling_steps - horizon`` extra ones
+    evenly in (0, 1); ``direct`` calls the forecaster once per window, from the window's start, takes that
+    estimate as the window's end and the interpolator's states between (ours; the released code's
+    "refined intermediate predictions" on a one-step schedule; it has no ``sampling_steps``);
     ``member_batch`` samples (start time x member) per network call. ``window_perturbation`` > 0 adds, when
     forecasting, a fresh smooth random field of that many 6-hour tendency stds (correlated over
     ``perturbation_length`` cells, as ``initial_perturbation``) to each member's states at the start of every
@@ -417,6 +420,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     forecaster_dropout_at_inference: bool = False
     interpolator_steps: int | None = Field(None, ge=1)
     lookahead_weight: float = Field(0.5, ge=0, lt=1)
+    sampler: Literal["cold", "direct"] = "cold"
     sampling_steps: int | None = Field(None, ge=2)
     window_perturbation: float = Field(0.0, ge=0)
     estimate_perturbation: float = Field(0.0, ge=0)
@@ -428,6 +432,11 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
             raise ValueError(
                 f"sampling_steps ({self.sampling_steps}) must be at least the horizon ({self.horizon}): every step "
                 "0 .. horizon-1 is a sampling step"
+            )
+        if self.sampler == "direct" and self.sampling_steps is not None:
+            raise ValueError(
+                f"sampling_steps ({self.sampling_steps}) sets the schedule of cold sampling; the 'direct' sampler "
+                "calls the forecaster once per window: leave sampling_steps unset (null)"
             )
         if self.forecaster_dropout_at_inference and self.dropout == 0:
             raise ValueError(

@@ -475,9 +475,9 @@ SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
     "rolling": ("sampler", "sampling_steps", "init_steps", "churn", "s_noise", "s_tmin", "s_tmax", "member_batch",
                 "initial_perturbation", "perturbation_length", "perturbation_scales", "window_perturbation",
                 "spectral_filter_hours", "spectral_filter_order"),
-    "dyffusion": ("sampling_steps", "member_batch", "forecaster_dropout_at_inference", "initial_perturbation",
-                  "perturbation_length", "perturbation_scales", "window_perturbation", "estimate_perturbation",
-                  "spectral_filter_hours", "spectral_filter_order"),
+    "dyffusion": ("sampler", "sampling_steps", "member_batch", "forecaster_dropout_at_inference",
+                  "initial_perturbation", "perturbation_length", "perturbation_scales", "window_perturbation",
+                  "estimate_perturbation", "spectral_filter_hours", "spectral_filter_order"),
 }
 
 

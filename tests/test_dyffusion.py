@@ -229,8 +229,50 @@ def test_estimate_perturbations_spread_the_first_window_and_repeat_for_a_seed(tr
         with_sampling(ckpt, {"estimate_perturbation": -1.0})
 
 
-def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, analysis):
-    forecaster = build_forecaster(dyffusion_config(stores))
+def _i_dependent_fake(horizon: int, calls: dict[str, int], seen: list[float]):
+    """Stand-ins whose forecaster's estimate depends on the interpolation time: ``x_t + 0.5 (1 + i)`` (so cold
+    sampling, which asks at every whole step, ends elsewhere than direct sampling), recording each ``i``; the
+    interpolator is exact linear interpolation."""
+    _, interpolate = _fake(horizon, calls, end_change=0.0)
+
+    def forecast(state, states, i, forcings, static, generators=None):
+        calls["forecaster"] += 1
+        seen.append(float(i[0]))
+        return states[:, -1] + 0.5 * (1.0 + i).view(-1, 1, 1, 1)
+
+    return forecast, interpolate
+
+
+def test_direct_sampling_calls_the_forecaster_once_and_interpolates_towards_its_estimate():
+    """``direct``: one forecaster call, at i = 0 from x_t; its estimate (plus the offset) is the window's end and
+    the whole steps between are I(x_t, estimate, j); h - 1 interpolator calls. Cold sampling of the same networks
+    asks the forecaster at every whole step and ends at its last estimate's value."""
+    model = _tiny_model()
+    states = torch.randn(2, 2, 2, 4, 6)
+    offset = torch.randn(2, 2, 4, 6)
+    static, forcings = torch.zeros(2, 1, 4, 6), (lambda i: torch.zeros(2, 4, 4, 4, 6))
+    calls, seen = {"forecaster": 0, "interpolator": 0}, []
+    model.forecast, model.interpolate = _i_dependent_fake(HORIZON, calls, seen)
+    out = list(model.sample_window("direct", states, static, forcings, [0.0], estimate_offset=offset))
+    assert [j for j, _ in out] == [1, 2, 3] and seen == [0.0]
+    assert calls == network_evaluations(HORIZON, HORIZON, "direct") == {"forecaster": 1, "interpolator": HORIZON - 1}
+    for j, state in out:
+        torch.testing.assert_close(state, states[:, -1] + (0.5 + offset) * j / HORIZON, rtol=1e-5, atol=1e-5)
+
+    calls, seen = {"forecaster": 0, "interpolator": 0}, []
+    model.forecast, model.interpolate = _i_dependent_fake(HORIZON, calls, seen)
+    cold = list(model.sample_window("cold", states, static, forcings, sampling_schedule(HORIZON, HORIZON)))
+    assert seen == [0.0, 1.0, 2.0] and calls == network_evaluations(HORIZON, HORIZON, "cold")
+    assert not torch.allclose(cold[-1][1], out[-1][1])
+    with pytest.raises(ValueError, match="unknown DYffusion sampler 'warm'"):
+        model.sample_window("warm", states, static, forcings, [0.0])
+    with pytest.raises(ValueError, match="unknown DYffusion sampler"):
+        network_evaluations(HORIZON, HORIZON, "warm")
+
+
+@pytest.mark.parametrize("sampler", ["cold", "direct"])
+def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, analysis, sampler):
+    forecaster = build_forecaster(dyffusion_config(stores, model={"sampler": sampler}))
     assert isinstance(forecaster, DYffusionForecaster)
     calls = {"forecaster": 0, "interpolator": 0}
     forecaster.model.forecast, forecaster.model.interpolate = _fake(HORIZON, calls, end_change=0.6)
@@ -244,7 +286,8 @@ def test_forecasts_beyond_the_horizon_chain_windows_from_the_last_state(stores, 
     for lead in range(1, steps + 1):  # the straight path continues through window boundaries
         np.testing.assert_allclose(got[:, lead - 1], start + 0.6 * lead / HORIZON * std, rtol=1e-5,
                                    atol=1e-4 * std.max())
-    assert calls == {k: 3 * n for k, n in network_evaluations(HORIZON, HORIZON).items()}  # 3 windows, 1 batch of 4
+    # 3 windows, 1 batch of 4 samples
+    assert calls == {k: 3 * n for k, n in network_evaluations(HORIZON, HORIZON, sampler).items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,6 +378,31 @@ def test_chained_windows_train_the_forecaster_from_its_own_sampled_states(stores
     torch.testing.assert_close(metrics["forecast_rmse"], expected)
 
 
+def test_chained_windows_sample_with_the_models_sampler(stores):
+    """With ``sampler: direct`` the windows sampled before the trained one are sampled directly too: one
+    forecaster call each, at i = 0."""
+    config = dyffusion_config(stores, model={"training_windows": 3, "lookahead_weight": 0.0, "sampler": "direct"})
+    setup = TRAINABLE["dyffusion"](config)
+    objective, model = setup.objective, setup.model
+    assert objective.sampler == "direct"
+    batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])
+    model.train()
+    model.trained_steps.fill_(STAGE_ONE)
+    calls, seen = {"forecaster": 0, "interpolator": 0}, []
+    model.forecast, model.interpolate = _i_dependent_fake(HORIZON, calls, seen)
+
+    def drawn(seed: int) -> int:  # the objective's first draw from a generator of this seed
+        return int(torch.randint(0, 3, (1,), generator=torch.Generator().manual_seed(seed)))
+
+    seed = next(s for s in range(100) if drawn(s) == 2)
+    metrics = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(seed))
+    assert int(metrics["sampled_windows"]) == 2
+    assert calls["forecaster"] == 2 + 1 and seen[:2] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="unknown DYffusion sampler"):
+        DYffusionObjective(area_weights=np.ones(8), channel_weights=np.ones(4), interpolator_steps=1,
+                           lookahead_weight=0.0, sampler="warm")
+
+
 def test_chained_windows_are_refused_without_enough_targets(stores):
     setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model={"training_windows": 2}))
     batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])
@@ -409,6 +477,27 @@ def test_forecaster_dropout_at_inference_is_a_sampling_choice(trained):
 def test_config_needs_a_sampling_step_per_whole_step(stores):
     with pytest.raises(ConfigError, match=r"sampling_steps \(2\) must be at least the horizon \(3\)"):
         dyffusion_config(stores, model={"sampling_steps": 2})
+    with pytest.raises(ConfigError, match=r"sampling_steps \(5\) sets the schedule of cold sampling"):
+        dyffusion_config(stores, model={"sampling_steps": 5, "sampler": "direct"})
+    with pytest.raises(ConfigError, match="sampler"):
+        dyffusion_config(stores, model={"sampler": "warm"})
+
+
+def test_the_sampler_is_a_sampling_choice(trained, analysis):
+    """``--sampling sampler=direct`` samples the trained checkpoint directly: other forecasts than cold sampling,
+    finite, spread over members, repeated for a seed and independent of the batching."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    cold = DYffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=2 * HORIZON, members=3,
+                                                             starts=STARTS, seed=7)
+    direct = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"sampler": "direct"}))
+    assert direct.schedule == [0.0]
+    first = assert_members_do_not_depend_on_the_batching(direct, analysis[GLOBAL], steps=2 * HORIZON)
+    again = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"sampler": "direct"})).forecast(
+        analysis[GLOBAL], steps=2 * HORIZON, members=3, starts=STARTS, seed=7)
+    xr.testing.assert_equal(again, first)
+    assert np.isfinite(first.to_array().values).all()
+    assert float(abs(first - cold).to_array().max()) > 0
+    assert float(first.std(MEMBER).to_array().mean()) > 0
 
 
 def test_initial_perturbations_add_reproducible_spread_and_none_leaves_the_forecast_alone(trained, analysis):

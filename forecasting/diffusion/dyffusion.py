@@ -41,6 +41,16 @@ which the interpolator, trained on whole steps, meets only here); one pass costs
 ``2N - 2`` interpolator evaluations (:func:`network_evaluations`). Forecasts beyond ``h`` chain passes, each
 starting from the last pass's states.
 
+Direct sampling (``sampler: direct``, ours): one forecaster evaluation per window, from the window's start,
+
+    x^_{t+h} = F_theta(x_t, 0);   s_j = I_phi(x_t, x^_{t+h}, j)  (j = 1 .. h-1);   s_h = x^_{t+h}
+
+(``h - 1`` interpolator evaluations). It is the released code's ``refine_intermediate_predictions`` (every
+intermediate lead re-interpolated from the final estimate) on the shortest schedule. Cold sampling refines the
+estimate with forecaster calls on interpolated states ``s^(n)``, which the forecaster met in training only as
+interpolations towards the *true* end; on the three-year stores each of those later estimates carried a larger
+time-mean t2m error than the first (README, "Three simulated years"), and chained windows accumulated it.
+
 Units and inputs: states are normalised with the store's statistics, ``n = (x - mean) / std``. The
 interpolator predicts a departure from linear interpolation in tendency-std units, ``I = n_t + (i / h)
 (n_{t+h} - n_t) + R tendency_std / std``, and the forecaster a change from its input in ``sqrt(h)``
@@ -119,9 +129,14 @@ def sampling_schedule(horizon: int, steps: int) -> list[float]:
     return [0.0, *[(j + 1) / (extra + 1) for j in range(extra)], *map(float, range(1, horizon))]
 
 
-def network_evaluations(horizon: int, steps: int) -> dict[str, int]:
-    """Network evaluations of one cold-sampling pass of ``steps = N`` steps:
-    ``{"forecaster": N, "interpolator": 2N - 2}``."""
+def network_evaluations(horizon: int, steps: int, sampler: str = "cold") -> dict[str, int]:
+    """Network evaluations of one sampling pass (window): cold sampling of ``steps = N`` steps,
+    ``{"forecaster": N, "interpolator": 2N - 2}``; direct sampling (``steps`` unused),
+    ``{"forecaster": 1, "interpolator": horizon - 1}``."""
+    if sampler == "direct":
+        return {"forecaster": 1, "interpolator": horizon - 1}
+    if sampler != "cold":
+        raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
     n = len(sampling_schedule(horizon, steps))
     return {"forecaster": n, "interpolator": 2 * n - 2}
 
@@ -251,6 +266,39 @@ class DYffusion(OneGridNetwork):
             if float(i_next).is_integer():
                 yield int(i_next), s
 
+    def direct_sample(
+        self, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor],
+        generators: Sequence[torch.Generator] | None = None, estimate_offset: Tensor | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Direct sampling from ``states`` over one horizon (see the module docstring): the forecaster once, at
+        ``i = 0``, then the interpolator towards its estimate (plus ``estimate_offset`` when given). Arguments and
+        yields as for :meth:`cold_sample`."""
+        batch = states.shape[0]
+        start = states[:, -1]
+
+        def full(i: float) -> Tensor:
+            return torch.full((batch,), float(i), device=start.device)
+
+        estimate = self.forecast(start, states, full(0.0), forcings(0.0), static, generators=generators)
+        if estimate_offset is not None:
+            estimate = estimate + estimate_offset
+        for j in range(1, self.horizon):
+            yield j, self.interpolate(states, estimate, full(j), forcings(float(j)), static, generators=generators)
+        yield self.horizon, estimate
+
+    def sample_window(
+        self, sampler: str, states: Tensor, static: Tensor, forcings: Callable[[float], Tensor],
+        schedule: Sequence[float], generators: Sequence[torch.Generator] | None = None,
+        estimate_offset: Tensor | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """One window by ``sampler`` (``cold``: :meth:`cold_sample` on ``schedule``; ``direct``:
+        :meth:`direct_sample`, ``schedule`` unused)."""
+        if sampler == "direct":
+            return self.direct_sample(states, static, forcings, generators, estimate_offset)
+        if sampler != "cold":
+            raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
+        return self.cold_sample(states, static, forcings, schedule, generators, estimate_offset)
+
 
 class DYffusionObjective(WeightedObjective):
     """The two-stage DYffusion loss on batches of WindowDataset windows (see the module docstring).
@@ -267,12 +315,13 @@ class DYffusionObjective(WeightedObjective):
 
     Metrics besides ``loss``: ``stage`` (1 interpolator, 2 forecaster); ``interpolation_rmse`` in stage 1;
     ``forecast_rmse`` and, with ``lookahead_weight > 0``, ``lookahead_rmse`` in stage 2; with K > 1 also
-    ``sampled_windows`` (the windows the model sampled before the trained one) in stage 2.
+    ``sampled_windows`` (the windows the model sampled before the trained one) in stage 2. The sampled windows
+    use ``sampler`` (``cold`` on the whole steps, or ``direct``), as forecasts do.
     """
 
     def __init__(
         self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int,
-        lookahead_weight: float, training_windows: int = 1,
+        lookahead_weight: float, training_windows: int = 1, sampler: str = "cold",
     ) -> None:
         if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0 or training_windows < 1:
             raise ValueError(
@@ -283,6 +332,9 @@ class DYffusionObjective(WeightedObjective):
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
         self.training_windows = int(training_windows)
+        if sampler not in ("cold", "direct"):
+            raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
+        self.sampler = sampler
 
     def stage(self, model: DYffusion) -> int:
         """The stage the network's next step trains: 1 (interpolator) or 2 (forecaster)."""
@@ -341,7 +393,7 @@ class DYffusionObjective(WeightedObjective):
             metrics["sampled_windows"] = torch.tensor(float(sampled), device=device)
             if sampled:
                 with torch.no_grad():
-                    inputs = self._sampled_states(model, inputs, static, window_forcings, sampled)
+                    inputs = self._sampled_states(model, inputs, static, window_forcings, sampled, self.sampler)
             forcings = window_forcings(sampled)
             end = targets[:, (sampled + 1) * horizon - 1]
         else:
@@ -371,9 +423,11 @@ class DYffusionObjective(WeightedObjective):
 
     @staticmethod
     def _sampled_states(model: DYffusion, states: Tensor, static: Tensor,
-                        window_forcings: Callable[[int], Callable[[Tensor], Tensor]], windows: int) -> Tensor:
-        """The last ``T_in`` states (B, T_in, C, H, W) after cold-sampling ``windows`` windows from ``states``
-        on the whole-step schedule (the networks' dropout as the module's mode has it)."""
+                        window_forcings: Callable[[int], Callable[[Tensor], Tensor]], windows: int,
+                        sampler: str = "cold") -> Tensor:
+        """The last ``T_in`` states (B, T_in, C, H, W) after sampling ``windows`` windows from ``states`` by
+        ``sampler`` (cold sampling on the whole-step schedule, or direct; the networks' dropout as the module's
+        mode has it)."""
         schedule = sampling_schedule(model.horizon, model.horizon)
         batch = states.shape[0]
         for k in range(windows):
@@ -382,7 +436,7 @@ class DYffusionObjective(WeightedObjective):
             def at(i: float, forcings: Callable[[Tensor], Tensor] = forcings) -> Tensor:
                 return forcings(torch.full((batch,), int(i), dtype=torch.long, device=states.device))
 
-            path = [state for _, state in model.cold_sample(states, static, at, schedule)]
+            path = [state for _, state in model.sample_window(sampler, states, static, at, schedule)]
             states = torch.cat([states, torch.stack(path, dim=1)], dim=1)[:, -states.shape[1]:]
         return states
 
@@ -393,7 +447,8 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
     Build it with :meth:`from_stores` (untrained) or :meth:`from_checkpoint` (which loads the step counter
     ``trained_steps`` too). Attributes as for :class:`~forecasting.diffusion.conditional.OneGridDiffusionForecaster`
     (``model_config``, ``channels``, ``static``, ``normalisation``, ``grid``, ``latitude``, ``longitude``), plus
-    ``horizon`` and ``schedule`` (the interpolation times of a sampling pass); ``model`` is a :class:`DYffusion`.
+    ``horizon`` and ``schedule`` (the interpolation times at which a sampling pass calls the forecaster: ``[0]``
+    for the direct sampler); ``model`` is a :class:`DYffusion`.
     """
 
     family = "dyffusion"
@@ -406,7 +461,8 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
     def _network(self) -> DYffusion:
         config = self.model_config
         self.horizon = config.horizon
-        self.schedule = sampling_schedule(self.horizon, config.sampling_steps or self.horizon)
+        self.schedule = ([0.0] if config.sampler == "direct"
+                         else sampling_schedule(self.horizon, config.sampling_steps or self.horizon))
         return DYffusion(
             **self._network_arguments(), horizon=self.horizon, step_hours=self.step.total_seconds() / 3600.0,
             interpolator_dropout=config.interpolator_dropout,
@@ -431,8 +487,8 @@ class DYffusionForecaster(OneGridDiffusionForecaster):
             generators = self._window_generators(starts, members, seed, window)
             offsets = self._estimate_offsets(states, starts, members, seed, window)
             for rows in groups:
-                for j, state in self.model.cold_sample(
-                    states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
+                for j, state in self.model.sample_window(
+                    self.model_config.sampler, states[rows], static.expand(rows.stop - rows.start, -1, -1, -1),
                     lambda i, rows=rows: window_forcings(i)[rows], self.schedule, generators[rows],
                     estimate_offset=None if offsets is None else offsets[rows],
                 ):
@@ -517,13 +573,16 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
     return one_grid_training_setup(
         config, forecaster, target_steps=model.horizon * model.training_windows,
         objective=partial(DYffusionObjective, interpolator_steps=interpolator_steps,
-                          lookahead_weight=model.lookahead_weight, training_windows=model.training_windows),
+                          lookahead_weight=model.lookahead_weight, training_windows=model.training_windows,
+                          sampler=model.sampler),
         summary={
             "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
                            for name in ("interpolator", "forecaster")},
             "horizon": model.horizon,
             "interpolator_steps": interpolator_steps,
+            "sampler": model.sampler,
             "sampling_schedule": forecaster.schedule,
-            "network_evaluations_per_window": network_evaluations(model.horizon, len(forecaster.schedule)),
+            "network_evaluations_per_window": network_evaluations(
+                model.horizon, model.sampling_steps or model.horizon, model.sampler),
         },
     )
