@@ -22,10 +22,10 @@ Side by side, on the same inputs and the defaults of their configs (``--steps`` 
   ``network_evaluations`` (per lead) and ``first_lead_network_evaluations``, ``seconds_per_member_lead`` and
   ``seconds_per_member_first_lead``;
 * ``dyffusion`` (:class:`~forecasting.diffusion.dyffusion.DYffusion`, horizon ``DYffusionModelConfig().horizon``):
-  one cold-sampling pass gives all ``h`` leads of a window; per grid a line ``"benchmark": "dyffusion_sampling"``
-  with ``forecaster_evaluations`` and ``interpolator_evaluations`` per pass (checked against
-  :func:`~forecasting.diffusion.dyffusion.network_evaluations`), ``network_evaluations`` per lead (the pass's
-  over ``h``) and ``seconds_per_member_lead`` (the pass's time over ``h``);
+  one sampling pass gives all ``h`` leads of a window; per (grid, sampler: ``cold``, ``direct``) a line
+  ``"benchmark": "dyffusion_sampling"`` with ``forecaster_evaluations`` and ``interpolator_evaluations`` per
+  pass (checked against :func:`~forecasting.diffusion.dyffusion.network_evaluations`), ``network_evaluations``
+  per lead (the pass's over ``h``) and ``seconds_per_member_lead`` (the pass's time over ``h``);
 * ``spectral_filter`` (:class:`~forecasting.models.SpectralFilter`, the global grid only): the damping every
   family applies to each lead with ``spectral_filter_hours`` set; a line ``"benchmark": "spectral_filter"`` with
   ``seconds_per_member_lead`` (one filter call on the members' 4 channels, no network).
@@ -204,8 +204,9 @@ def run_rolling(grid: str, method: str, *, members: int, repeats: int, device: t
     }
 
 
-def run_dyffusion(grid: str, *, members: int, repeats: int, device: torch.device) -> dict:
-    """Per-lead cost of DYffusion: one cold-sampling pass over the horizon, divided by the horizon."""
+def run_dyffusion(grid: str, sampler: str, *, members: int, repeats: int, device: torch.device) -> dict:
+    """Per-lead cost of DYffusion: one sampling pass (``cold`` or ``direct``) over the horizon, divided by the
+    horizon."""
     config = DYffusionModelConfig()
     latitude, periodic = GRIDS[grid]
     height, width = len(latitude), WIDTHS[grid]
@@ -225,7 +226,7 @@ def run_dyffusion(grid: str, *, members: int, repeats: int, device: torch.device
         getattr(model, name).register_forward_hook(lambda *_, log=log: log.append(1))
 
     def one_pass() -> None:
-        for _ in model.cold_sample(states, static, lambda i: forcings, schedule):
+        for _ in model.sample_window(sampler, states, static, lambda i: forcings, schedule):
             pass
 
     _timed(one_pass, device)  # warm-up
@@ -233,17 +234,18 @@ def run_dyffusion(grid: str, *, members: int, repeats: int, device: torch.device
         log.clear()
     times = [_timed(one_pass, device) for _ in range(repeats)]
     counted = {name: len(log) // repeats for name, log in calls.items()}
-    if counted != network_evaluations(horizon, len(schedule)):
-        raise RuntimeError(f"dyffusion: counted {counted}, network_evaluations() says "
-                           f"{network_evaluations(horizon, len(schedule))}")
+    expected = network_evaluations(horizon, len(schedule), sampler)
+    if counted != expected:
+        raise RuntimeError(f"dyffusion ({sampler}): counted {counted}, network_evaluations() says {expected}")
     per_member_pass = statistics.median(times) / members
     per_lead = sum(counted.values()) / horizon
     return {
         "benchmark": "dyffusion_sampling",
         "grid": grid,
         "shape": [height, width],
+        "sampler": sampler,
         "horizon": horizon,
-        "steps": len(schedule),
+        "steps": len(schedule) if sampler == "cold" else 1,
         "forecaster_evaluations": counted["forecaster"],
         "interpolator_evaluations": counted["interpolator"],
         "network_evaluations": round(per_lead, 3),
@@ -296,8 +298,9 @@ def main() -> None:
                 print(json.dumps(run_rolling(grid, method, members=args.members, repeats=args.repeats,
                                              device=device)), flush=True)
         if "dyffusion" in families:
-            print(json.dumps(run_dyffusion(grid, members=args.members, repeats=args.repeats, device=device)),
-                  flush=True)
+            for method in ("cold", "direct"):
+                print(json.dumps(run_dyffusion(grid, method, members=args.members, repeats=args.repeats,
+                                               device=device)), flush=True)
         if "spectral_filter" in families and grid == "global":
             print(json.dumps(run_spectral_filter(members=args.members, repeats=args.repeats, device=device)),
                   flush=True)
