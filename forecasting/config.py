@@ -171,6 +171,10 @@ class GraphModelConfig(StrictModel):
     ``encoder_aggregation`` is how a mesh node combines its data nodes' messages: ``sum`` (GraphCast) or
     ``mean``. Over the fine grid the mesh nodes read far more data nodes than elsewhere, so summed
     messages there have another scale (forecasting.models.layers).
+
+    ``detail_inputs`` (``nesting: refine`` only) gives every regional node, besides its states, their
+    departure from the bilinear interpolation of the coarse nodes' states there (its fine detail), which
+    the network could otherwise only estimate through the mesh; the other nodes get zeros.
     """
 
     family: Literal["graph"] = "graph"
@@ -192,6 +196,7 @@ class GraphModelConfig(StrictModel):
     boundary_width: int = Field(2, ge=1)
     nesting: Literal["cutout", "overlap", "refine"] = "cutout"
     encoder_aggregation: Literal["sum", "mean"] = "sum"
+    detail_inputs: bool = False
 
     @model_validator(mode="after")
     def _levels(self) -> GraphModelConfig:
@@ -203,6 +208,11 @@ class GraphModelConfig(StrictModel):
             raise ValueError(
                 f"nesting {self.nesting!r} joins the two grids of the stretched mode; mode {self.mode!r} has one "
                 "grid, so leave nesting at 'cutout'"
+            )
+        if self.detail_inputs and self.nesting != "refine":
+            raise ValueError(
+                "detail_inputs measures the regional nodes against the interpolated coarse nodes of "
+                f"nesting 'refine'; nesting is {self.nesting!r}"
             )
         return self
 

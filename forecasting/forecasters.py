@@ -561,8 +561,11 @@ class GraphStepNetwork(nn.Module):
 
     Per data node the input is: the ``T_in`` normalised states ``(T_in * C)``, the forcings of the input and
     target times ``((T_in + 1) * F)``, the normalised static fields ``(S)``, optional constant node flags
-    (``is_regional`` of a stretched graph) and, for a limited-area model, the normalised boundary values at
-    the target time on the boundary strip (zero elsewhere) plus the strip mask ``(C + 1)``. A probabilistic
+    (``is_regional`` of a stretched graph), for a limited-area model the normalised boundary values at
+    the target time on the boundary strip (zero elsewhere) plus the strip mask ``(C + 1)``, and with
+    ``detail_base`` (``(index, weight)`` of :func:`coarse_base`) the regional nodes' fine detail ``(T_in * C)``:
+    each input state minus its bilinear interpolation from the coarse nodes, on the last R nodes (zero on the
+    others). A probabilistic
     network (``noise_channels > 0``) draws its mesh noise ``(B, N_mesh, noise_channels)`` from the inputs'
     generator at every step. Output: ``(B, N, C)``, float32.
     """
@@ -583,6 +586,7 @@ class GraphStepNetwork(nn.Module):
         encoder_aggregation: Literal["sum", "mean"],
         node_flags: np.ndarray | None,
         boundary_mask: np.ndarray | None,
+        detail_base: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         tensors = graph_tensors(graph)
@@ -597,12 +601,17 @@ class GraphStepNetwork(nn.Module):
             np.asarray(boundary_mask, dtype=np.float32)
         )
         self.register_buffer("boundary_mask", mask, persistent=False)
+        self.has_detail = detail_base is not None
+        index, weight = detail_base if detail_base is not None else (np.zeros((0, 4)), np.zeros((0, 4)))
+        self.register_buffer("detail_index", torch.as_tensor(np.asarray(index, dtype=np.int64)), persistent=False)
+        self.register_buffer("detail_weight", torch.as_tensor(np.asarray(weight, dtype=np.float32)), persistent=False)
         n_input = (
             input_steps * n_channels
             + (input_steps + 1) * n_forcings
             + n_static
             + flags.shape[1]
             + (n_channels + 1 if self.has_boundary else 0)
+            + (input_steps * n_channels if self.has_detail else 0)
         )
         self.network = EncodeProcessDecode(
             graph=tensors,
@@ -635,6 +644,12 @@ class GraphStepNetwork(nn.Module):
                 raise SchemaError("a limited-area step needs boundary values at the target time; found None")
             mask = self.boundary_mask.to(states.dtype)[None, :, None]
             parts += [inputs.boundary * mask, mask.expand(batch, -1, -1)]
+        if self.has_detail:
+            n_regional = self.detail_index.shape[0]
+            interpolated = (states[:, :, self.detail_index] * self.detail_weight[:, :, None]).sum(dim=3)  # (B, T, R, C)
+            detail = torch.zeros_like(states)
+            detail[:, :, -n_regional:] = states[:, :, -n_regional:] - interpolated
+            parts.append(detail.permute(0, 2, 1, 3).reshape(batch, nodes, steps * channels))
         x = torch.cat(parts, dim=-1)  # (B, N, n_input)
         noise = None
         if self.noise_channels:
@@ -1145,6 +1160,7 @@ class GraphForecaster(Forecaster):
             encoder_aggregation=model_config.encoder_aggregation,
             node_flags=self.layout.is_regional[:, None] if two_grids else None,
             boundary_mask=self.strip,
+            detail_base=coarse_base(self.layout) if model_config.detail_inputs else None,
         )
         base = coarse_base(self.layout) if model_config.nesting == "refine" else None
         step_model: nn.Module = InputsAndResiduals(core, normalisation, regional_base=base)

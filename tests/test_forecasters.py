@@ -324,6 +324,44 @@ def test_overlap_and_refine_nesting_keep_the_coarse_box_and_refine_adds_the_inte
         graph_config(stores, model={"mode": "global", "nesting": "refine"})
 
 
+def test_detail_inputs_give_the_regional_nodes_their_departure_from_the_interpolated_coarse_states(stores, initial):
+    """``detail_inputs``: the network's input gains T_in * C columns holding, on the regional nodes, each input
+    state minus its bilinear interpolation from the coarse nodes (zero on a linear field, the bump on top of
+    it), and zeros on every other node; only with ``nesting: refine``."""
+    forecaster = build_forecaster(graph_config(stores, model={"nesting": "refine", "detail_inputs": True}))
+    plain = build_forecaster(graph_config(stores, model={"nesting": "refine"}))
+    core, layout = forecaster.rollout.step.core, forecaster.layout
+    steps, channels = core.input_steps, core.n_channels
+    width = plain.rollout.step.core.network.data_embed.net[0].in_features
+    assert core.network.data_embed.net[0].in_features == width + steps * channels
+
+    seen: list[torch.Tensor] = []
+
+    def record(x, noise=None):
+        seen.append(x)
+        return torch.zeros(x.shape[0], x.shape[1], channels)
+
+    core.network.forward = record
+    regional = torch.from_numpy(layout.is_regional)
+    lat = torch.from_numpy(layout.node_latitude.astype(np.float32))
+    lon = torch.from_numpy(layout.node_longitude.astype(np.float32))
+    bump = torch.where(regional, torch.sin(lat) * torch.cos(lon), torch.zeros(()))
+    field = 0.01 * lat + 0.002 * lon + bump  # linear in the box, which bilinear interpolation keeps exactly
+    states = field[None, None, :, None].expand(1, steps, -1, channels) * torch.arange(1, channels + 1)
+    core(StepInputs(states=states, forcings=torch.zeros(1, steps + 1, layout.n_nodes, 4),
+                    static=torch.zeros(1, layout.n_nodes, 2)))
+    detail = seen[0][0, :, -steps * channels:].reshape(layout.n_nodes, steps, channels)
+    want = bump[:, None, None] * torch.arange(1, channels + 1)
+    torch.testing.assert_close(detail, want.expand(-1, steps, -1), rtol=1e-4, atol=1e-4)
+    assert float(detail[~regional].abs().max()) == 0.0
+
+    forecaster = build_forecaster(graph_config(stores, model={"nesting": "refine", "detail_inputs": True}))
+    fc = forecaster.forecast(initial, steps=2, starts=STARTS)
+    assert all(np.isfinite(ds[v].values).all() for ds in fc.values() for v in ds.data_vars)
+    with pytest.raises(ConfigError, match="detail_inputs measures the regional nodes .* nesting is 'cutout'"):
+        graph_config(stores, model={"detail_inputs": True})
+
+
 def test_bilinear_weights_reproduce_linear_fields_and_wrap_round_the_globe():
     lat, lon = np.array([-10.0, 0.0, 10.0]), np.arange(0.0, 360.0, 90.0)
     index, weight = bilinear_weights(lat, lon, np.array([5.0, -2.5, 0.0]), np.array([45.0, 315.0, 360.0]), source="t")
