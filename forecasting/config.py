@@ -277,6 +277,11 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
     leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
+    ``perturbation_map_hours`` (None: one amplitude everywhere) shapes every perturbation field in space: it is
+    multiplied at each grid point by the standard deviation of the ``perturbation_map_hours`` change there over
+    the initial-condition store's statistics period (its ``train_period``), to the power
+    ``perturbation_map_power``, scaled to an area-weighted rms of 1 per channel, so that members spread more
+    where the weather changes more and the mean amplitude stays.
     ``spectral_filter_hours`` (forecasting only; global grid only; None: off) damps the forecast's change since
     its initial state at every lead with hyperdiffusion of order ``spectral_filter_order`` whose e-folding time
     at the grid's smallest resolved scale is ``spectral_filter_hours`` (forecasting.models.spectral_filter):
@@ -289,6 +294,8 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     initial_perturbation: float = Field(0.0, ge=0)
     perturbation_length: float = Field(3.0, gt=0)
     perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    perturbation_map_hours: float | None = Field(None, gt=0)
+    perturbation_map_power: float = Field(1.0, gt=0)
     spectral_filter_hours: float | None = Field(None, gt=0)
     spectral_filter_order: int = Field(4, ge=1, le=8)
 

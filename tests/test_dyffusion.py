@@ -23,6 +23,7 @@ from forecasting.diffusion.dyffusion import (
     network_evaluations,
     sampling_schedule,
 )
+from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, build_forecaster
 from forecasting.inference import with_sampling
 from forecasting.schema import LEAD, MEMBER, TIME
@@ -498,6 +499,36 @@ def test_the_sampler_is_a_sampling_choice(trained, analysis):
     assert np.isfinite(first.to_array().values).all()
     assert float(abs(first - cold).to_array().max()) > 0
     assert float(first.std(MEMBER).to_array().mean()) > 0
+
+
+def test_a_perturbation_map_follows_the_stores_change_deviations(trained, analysis):
+    """``--sampling perturbation_map_hours=H``: every perturbation field is shaped by the std of the H-hour change
+    at each point over the store's statistics period (scaled to unit area-weighted rms); the forecast then
+    differs from the unshaped one. A store without its ``train_period`` is refused, naming the attribute."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    settings = {"initial_perturbation": 2.0, "estimate_perturbation": 1.0}
+    plain = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, settings))
+    shaped = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {**settings, "perturbation_map_hours": 12.0}))
+    ds = analysis[GLOBAL]
+    a = plain.forecast(ds, steps=HORIZON, members=3, starts=STARTS, seed=7)
+    b = shaped.forecast(ds, steps=HORIZON, members=3, starts=STARTS, seed=7)
+    assert plain.perturbation_map is None and shaped.perturbation_map is not None
+    period = slice(*ds.attrs["train_period"])
+    sub = ds[list(shaped.channels.variables)].sel(time=period)
+    change = (sub.shift(time=-2) - sub).isel(time=slice(None, -2))  # 12 h = 2 steps of the tiny store
+    std = shaped.channels.stack(change.std("time"))
+    weights = np.cos(np.deg2rad(shaped.latitude))[:, None]
+    want = std / np.sqrt((std**2 * weights).sum(axis=(1, 2)) / (weights.sum() * std.shape[2]))[:, None, None]
+    np.testing.assert_allclose(shaped.perturbation_map.numpy(), want, rtol=1e-4)
+    assert np.isfinite(b.to_array().values).all()
+    assert float(abs(a - b).to_array().max()) > 0
+
+    bare = ds.copy()
+    bare.attrs = {k: v for k, v in ds.attrs.items() if k != "train_period"}
+    with pytest.raises(SchemaError, match="perturbation_map_hours needs the store's statistics period .*'train_period'"):
+        shaped.forecast(bare, steps=1, members=2, starts=STARTS)
+    with pytest.raises(ConfigError, match="perturbation_map_power"):
+        with_sampling(ckpt, {"perturbation_map_power": 0.0})
 
 
 def test_initial_perturbations_add_reproducible_spread_and_none_leaves_the_forecast_alone(trained, analysis):

@@ -4,10 +4,11 @@ perturbed by the same field at every input time, scaled by each channel's tenden
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from forecasting.diffusion.perturbations import perturb_initial_states, smooth_noise
+from forecasting.diffusion.perturbations import change_std_map, perturb_initial_states, smooth_noise
 
 
 def _generators(n: int, seed: int = 0) -> list[torch.Generator]:
@@ -72,3 +73,36 @@ def test_bad_settings_are_rejected(kwargs, message):
 def test_one_generator_per_sample_is_required():
     with pytest.raises(ValueError, match="one generator per sample"):
         smooth_noise((2, 1, 4, 8), _generators(1), length=1.0, periodic_lon=False)
+
+
+def test_a_change_std_map_has_unit_area_weighted_rms_and_follows_the_deviations():
+    latitude = np.linspace(-80.0, 80.0, 8)
+    std = np.ones((2, 8, 16))
+    std[0, :, 8:] = 3.0  # channel 0 varies three times as much in the eastern half
+    std[1] *= 5.0
+    weights = np.cos(np.deg2rad(latitude))[:, None]
+    for power in (1.0, 0.5):
+        spatial = change_std_map(std, latitude, power=power)
+        rms = np.sqrt((spatial**2 * weights).sum(axis=(1, 2)) / (weights.sum() * 16))
+        np.testing.assert_allclose(rms, [1.0, 1.0], rtol=1e-12)
+        np.testing.assert_allclose(spatial[0, :, 8:] / spatial[0, :, :8], 3.0**power, rtol=1e-12)
+        np.testing.assert_allclose(spatial[1], 1.0, rtol=1e-12)  # a uniform channel is left alone
+    std[1] = 0.0
+    with pytest.raises(ValueError, match=r"channels \[1\] have no finite, nonzero change deviations"):
+        change_std_map(std, latitude)
+    with pytest.raises(ValueError, match="std must have shape"):
+        change_std_map(std[0], latitude)
+
+
+def test_a_spatial_scale_multiplies_the_perturbation_point_by_point():
+    states = torch.zeros(3, 2, 2, 8, 16)
+    spatial = torch.ones(2, 8, 16)
+    spatial[:, :, :8] = 0.0
+    spatial[1, :, 8:] = 2.0
+    kwargs = {"amplitude": 1.0, "length": 1.0, "tendency_scale": torch.ones(2), "periodic_lon": True}
+    plain = perturb_initial_states(states, _generators(3), **kwargs)
+    shaped = perturb_initial_states(states, _generators(3), spatial_scale=spatial, **kwargs)
+    torch.testing.assert_close(shaped, plain * spatial)
+    assert float(shaped[..., :8].abs().max()) == 0.0 and float(shaped[..., 8:].abs().max()) > 0
+    with pytest.raises(ValueError, match=r"spatial_scale must have shape \(2, 8, 16\)"):
+        perturb_initial_states(states, _generators(3), spatial_scale=spatial[:, :4], **kwargs)

@@ -67,7 +67,7 @@ from forecasting.diffusion.edm import (
     loss_weight,
     sample_training_sigma,
 )
-from forecasting.diffusion.perturbations import perturb_initial_states
+from forecasting.diffusion.perturbations import change_std_map, perturb_initial_states
 from forecasting.diffusion.samplers import (
     Generators,
     evaluations,
@@ -235,6 +235,7 @@ class OneGridDiffusionForecaster(Forecaster):
         self.step = pd.Timedelta(step)
         self.input_steps = model_config.input_steps
         self.perturbation_scale = self._perturbation_scale()
+        self.perturbation_map: Tensor | None = None  # set per forecast from the store (perturbation_map_hours)
         self.spectral_filter = self._spectral_filter()
         self.model = self._network()
 
@@ -274,7 +275,39 @@ class OneGridDiffusionForecaster(Forecaster):
         return perturb_initial_states(
             states, generators, amplitude=amplitude, length=self.model_config.perturbation_length,
             periodic_lon=self.grid == GLOBAL, tendency_scale=self.perturbation_scale,
+            spatial_scale=self.perturbation_map,
         )
+
+    def _perturbation_map(self, ds: xr.Dataset) -> Tensor | None:
+        """The map of ``model.perturbation_map_hours`` (C, H, W) from the analysis ``ds`` over its statistics
+        period (:func:`~forecasting.diffusion.perturbations.change_std_map`), or None when the key is unset.
+        Raises SchemaError when ``ds`` has no ``train_period`` or no pair of times that far apart in it."""
+        config = self.model_config
+        if config.perturbation_map_hours is None:
+            return None
+        source = f"initial conditions ({self.grid} grid)"
+        period = ds.attrs.get("train_period")
+        if period is None or len(period) != 2:
+            raise SchemaError(
+                f"{source}: model.perturbation_map_hours needs the store's statistics period (attribute "
+                f"'train_period'); found {period!r}"
+            )
+        lag = pd.Timedelta(hours=config.perturbation_map_hours)
+        variables = list(self.channels.variables)
+        sub = ds[variables].sel({TIME: slice(*period)})
+        later = sub.assign_coords({TIME: sub[TIME] - lag})  # label t holds the state at t + lag
+        change = later - sub  # aligned on the times present in both
+        if change.sizes[TIME] < 2:
+            raise SchemaError(
+                f"{source}: fewer than 2 pairs of times {lag} apart in the statistics period {list(period)}; "
+                "model.perturbation_map_hours cannot be estimated"
+            )
+        std = self.channels.stack(change.std(TIME))
+        try:
+            spatial = change_std_map(std, self.latitude, power=config.perturbation_map_power)
+        except ValueError as exc:
+            raise SchemaError(f"{source}: model.perturbation_map_hours: {exc}") from None
+        return torch.as_tensor(spatial, dtype=torch.float32, device=self.device)
 
     def _damped(self, state: Tensor, origin: Tensor, steps: float = 1.0) -> Tensor:
         """``origin + D(state - origin)``: ``state`` (B, C, H, W, normalised) with its change since ``origin``
@@ -427,6 +460,7 @@ class OneGridDiffusionForecaster(Forecaster):
         ds = initial[self.grid]
         states, static = self._initial_tensors(ds, starts, members)
         norm = self.normalisation
+        self.perturbation_map = self._perturbation_map(ds)
         if self.model_config.initial_perturbation > 0:
             states = self._perturbed(
                 states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT),

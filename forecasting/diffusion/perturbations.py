@@ -8,7 +8,8 @@ member adds to its normalised input states a Gaussian random field: white noise 
 ``length`` grid cells (circular in longitude on a global grid), rescaled to unit variance per field, times
 ``amplitude`` times the channel's 6-hour tendency standard deviation. The same field goes to every input time, so
 the input tendencies are not disturbed. ``length`` is in grid cells, not kilometres: on a latitude-longitude
-grid the fields are more correlated in distance towards the poles.
+grid the fields are more correlated in distance towards the poles. An optional map (C, H, W) multiplies the
+fields point by point, so that the amplitude can follow the local variability (:func:`change_std_map`).
 
 Torch only, normalised tensors in and out; no file I/O.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -50,11 +52,29 @@ def smooth_noise(shape: Sequence[int], generators: Sequence[torch.Generator], *,
     return fields / fields.std(dim=(-2, -1), keepdim=True).clamp_min(1e-12)
 
 
+def change_std_map(std: np.ndarray, latitude: np.ndarray, *, power: float = 1.0) -> np.ndarray:
+    """A perturbation map (C, H, W) from per-point standard deviations ``std`` (C, H, W) of a change: ``std **
+    power`` divided by its area-weighted (cos latitude) root-mean-square per channel, so a field multiplied by
+    it keeps its mean amplitude. Raises ValueError for a channel whose deviations are all zero or not finite."""
+    std = np.asarray(std, dtype=np.float64)
+    if std.ndim != 3 or std.shape[1] != len(latitude):
+        raise ValueError(f"std must have shape (C, {len(latitude)}, W); found {std.shape}")
+    weights = np.cos(np.deg2rad(np.asarray(latitude, dtype=np.float64)))[:, None]
+    scaled = std**power
+    rms = np.sqrt((scaled**2 * weights).sum(axis=(1, 2)) / (weights.sum() * std.shape[2]))
+    bad = [c for c in range(std.shape[0]) if not np.isfinite(scaled[c]).all() or not rms[c] > 0]
+    if bad:
+        raise ValueError(f"channels {bad} have no finite, nonzero change deviations to make a perturbation map of")
+    return scaled / rms[:, None, None]
+
+
 def perturb_initial_states(states: Tensor, generators: Sequence[torch.Generator], *, amplitude: float,
-                           length: float, tendency_scale: Tensor, periodic_lon: bool) -> Tensor:
+                           length: float, tendency_scale: Tensor, periodic_lon: bool,
+                           spatial_scale: Tensor | None = None) -> Tensor:
     """``states`` (N, T_in, C, H, W), normalised, plus one smooth field per sample (:func:`smooth_noise`) of
     standard deviation ``amplitude * tendency_scale`` per channel (``tendency_scale``, (C,), is the 6-hour
-    tendency std over the std: the normalised size of one step's change), the same at every input time."""
+    tendency std over the std: the normalised size of one step's change), the same at every input time;
+    ``spatial_scale`` (C, H, W), when given, multiplies each field point by point."""
     if amplitude < 0:
         raise ValueError(f"the perturbation amplitude must not be negative; found {amplitude}")
     if amplitude == 0:
@@ -62,4 +82,8 @@ def perturb_initial_states(states: Tensor, generators: Sequence[torch.Generator]
     n, _, c, h, w = states.shape
     fields = smooth_noise((n, c, h, w), generators, length=length, periodic_lon=periodic_lon, device=states.device)
     scale = amplitude * tendency_scale.to(states.device, states.dtype)[None, :, None, None]
+    if spatial_scale is not None:
+        if tuple(spatial_scale.shape) != (c, h, w):
+            raise ValueError(f"spatial_scale must have shape {(c, h, w)}; found {tuple(spatial_scale.shape)}")
+        scale = scale * spatial_scale.to(states.device, states.dtype)[None]
     return states + (fields * scale)[:, None]
