@@ -525,7 +525,8 @@ def test_a_perturbation_map_follows_the_stores_change_deviations(trained, analys
 
     bare = ds.copy()
     bare.attrs = {k: v for k, v in ds.attrs.items() if k != "train_period"}
-    with pytest.raises(SchemaError, match="perturbation_map_hours needs the store's statistics period .*'train_period'"):
+    message = "perturbation_map_hours needs the store's statistics period .*'train_period'"
+    with pytest.raises(SchemaError, match=message):
         shaped.forecast(bare, steps=1, members=2, starts=STARTS)
     with pytest.raises(ConfigError, match="perturbation_map_power"):
         with_sampling(ckpt, {"perturbation_map_power": 0.0})
