@@ -426,7 +426,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     estimate ``x^_{t+h}`` of the window, so that the interpolated states carry a growing share of it through the
     window (ours, not the paper's). ``training_windows`` K > 1 trains the forecaster (stage 2) on the last of
     K chained windows: a random number 0 .. K-1 of windows per batch is first sampled by the model itself
-    (cold sampling, no gradients), so that the forecaster learns to start from its own forecasts as it
+    (its ``sampler``, no gradients), so that the forecaster learns to start from its own forecasts as it
     must beyond the horizon (the pushforward trick of Brandstetter et al. 2022; ours, not the paper's).
     """
 

@@ -1146,6 +1146,8 @@ class GraphForecaster(Forecaster):
             grid = self.layout.grid(REGIONAL)
             self.strip = boundary_strip(grid.shape, grid.grid_index, model_config.boundary_width)
         two_grids = len(self.grids) == 2
+        # refine's base, which detail_inputs (refine only) measures the fine nodes against too
+        base = coarse_base(self.layout) if model_config.nesting == "refine" else None
         core = GraphStepNetwork(
             graph=graph,
             n_channels=len(channels),
@@ -1160,9 +1162,8 @@ class GraphForecaster(Forecaster):
             encoder_aggregation=model_config.encoder_aggregation,
             node_flags=self.layout.is_regional[:, None] if two_grids else None,
             boundary_mask=self.strip,
-            detail_base=coarse_base(self.layout) if model_config.detail_inputs else None,
+            detail_base=base if model_config.detail_inputs else None,
         )
-        base = coarse_base(self.layout) if model_config.nesting == "refine" else None
         step_model: nn.Module = InputsAndResiduals(core, normalisation, regional_base=base)
         if self.strip is not None:
             step_model = BoundaryOverwrite(step_model, self.strip)

@@ -24,9 +24,9 @@ step (a resumed run rebuilds the module with gradients on). The learning-rate sc
 Chained windows (``training_windows`` K > 1, ours, not the paper's): beyond the horizon every window starts
 from the last window's forecast, which the two networks never see in training. With K > 1 a batch holds K
 windows of targets; for each stage-2 step a number ``k ~ U{0 .. K-1}`` is drawn, the first ``k`` windows are
-cold-sampled from the analyses by the model itself (no gradients, dropout as in training), and the forecaster
-loss above is taken on window ``k + 1`` from those sampled states against its true end (the pushforward
-trick of Brandstetter, Worrall and Welling 2022). The interpolator stage always uses the first window.
+sampled from the analyses by the model itself (its ``sampler``, no gradients, dropout as in training), and the
+forecaster loss above is taken on window ``k + 1`` from those sampled states against its true end (the
+pushforward trick of Brandstetter, Worrall and Welling 2022). The interpolator stage always uses the first window.
 
 Sampling is the paper's cold sampling (Algorithm 2) on a schedule ``0 = i_0 < i_1 < ... < i_{N-1} < i_N = h``:
 
@@ -115,6 +115,7 @@ __all__ = [
     "DYffusionForecaster",
     "DYffusionObjective",
     "dyffusion_training_setup",
+    "SAMPLERS",
     "network_evaluations",
     "sampling_schedule",
 ]
@@ -129,14 +130,22 @@ def sampling_schedule(horizon: int, steps: int) -> list[float]:
     return [0.0, *[(j + 1) / (extra + 1) for j in range(extra)], *map(float, range(1, horizon))]
 
 
+SAMPLERS = ("cold", "direct")
+
+
+def _checked(sampler: str) -> str:
+    """``sampler`` when it is one of :data:`SAMPLERS`; ValueError naming it otherwise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
+    return sampler
+
+
 def network_evaluations(horizon: int, steps: int, sampler: str = "cold") -> dict[str, int]:
     """Network evaluations of one sampling pass (window): cold sampling of ``steps = N`` steps,
     ``{"forecaster": N, "interpolator": 2N - 2}``; direct sampling (``steps`` unused),
     ``{"forecaster": 1, "interpolator": horizon - 1}``."""
-    if sampler == "direct":
+    if _checked(sampler) == "direct":
         return {"forecaster": 1, "interpolator": horizon - 1}
-    if sampler != "cold":
-        raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
     n = len(sampling_schedule(horizon, steps))
     return {"forecaster": n, "interpolator": 2 * n - 2}
 
@@ -293,10 +302,8 @@ class DYffusion(OneGridNetwork):
     ) -> Iterator[tuple[int, Tensor]]:
         """One window by ``sampler`` (``cold``: :meth:`cold_sample` on ``schedule``; ``direct``:
         :meth:`direct_sample`, ``schedule`` unused)."""
-        if sampler == "direct":
+        if _checked(sampler) == "direct":
             return self.direct_sample(states, static, forcings, generators, estimate_offset)
-        if sampler != "cold":
-            raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
         return self.cold_sample(states, static, forcings, schedule, generators, estimate_offset)
 
 
@@ -332,9 +339,7 @@ class DYffusionObjective(WeightedObjective):
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
         self.training_windows = int(training_windows)
-        if sampler not in ("cold", "direct"):
-            raise ValueError(f"unknown DYffusion sampler {sampler!r}; expected 'cold' or 'direct'")
-        self.sampler = sampler
+        self.sampler = _checked(sampler)
 
     def stage(self, model: DYffusion) -> int:
         """The stage the network's next step trains: 1 (interpolator) or 2 (forecaster)."""
