@@ -428,6 +428,10 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     K chained windows: a random number 0 .. K-1 of windows per batch is first sampled by the model itself
     (its ``sampler``, no gradients), so that the forecaster learns to start from its own forecasts as it
     must beyond the horizon (the pushforward trick of Brandstetter et al. 2022; ours, not the paper's).
+    ``forecaster_times`` ``all`` trains the forecaster at every interpolation time ``i`` in 0 .. h-1 (the
+    paper); ``start`` at ``i = 0`` only, the one time at which the ``direct`` sampler calls it (ours; it needs
+    ``sampler: direct`` and ``lookahead_weight: 0``, since cold sampling and the look-ahead call the forecaster at
+    later times).
     """
 
     family: Literal["dyffusion"] = "dyffusion"
@@ -442,6 +446,7 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
     window_perturbation: float = Field(0.0, ge=0)
     estimate_perturbation: float = Field(0.0, ge=0)
     training_windows: int = Field(1, ge=1, le=16)
+    forecaster_times: Literal["all", "start"] = "all"
 
     @model_validator(mode="after")
     def _valid(self) -> DYffusionModelConfig:
@@ -454,6 +459,12 @@ class DYffusionModelConfig(OneGridDiffusionConfig):
             raise ValueError(
                 f"sampling_steps ({self.sampling_steps}) sets the schedule of cold sampling; the 'direct' sampler "
                 "calls the forecaster once per window: leave sampling_steps unset (null)"
+            )
+        if self.forecaster_times == "start" and (self.sampler != "direct" or self.lookahead_weight != 0):
+            raise ValueError(
+                "forecaster_times 'start' trains the forecaster at the window's start only, so it needs sampler "
+                f"'direct' and lookahead_weight 0 (both call it at later times otherwise); found sampler "
+                f"{self.sampler!r} and lookahead_weight {self.lookahead_weight}"
             )
         if self.forecaster_dropout_at_inference and self.dropout == 0:
             raise ValueError(

@@ -404,6 +404,56 @@ def test_chained_windows_sample_with_the_models_sampler(stores):
                            lookahead_weight=0.0, sampler="warm")
 
 
+def test_forecaster_times_start_trains_the_forecaster_at_the_windows_start_only(stores):
+    """``forecaster_times: start``: every stage-2 sample trains the forecaster at i = 0 from x_t itself (no
+    interpolator call), against the window's true end; with ``all`` the times spread over 0 .. h-1."""
+    def stage_two(model_settings: dict) -> dict:
+        """Six stage-2 calls with stand-in networks: the times the forecaster was asked at, the call counts,
+        the last metrics, the batch, the objective and the model."""
+        setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model=model_settings))
+        objective, model = setup.objective, setup.model
+        batch = torch.utils.data.default_collate([setup.train[i] for i in range(4)])
+        model.train()
+        model.trained_steps.fill_(STAGE_ONE)
+        calls, times = {"forecaster": 0, "interpolator": 0}, []
+        forecast, model.interpolate = _fake(HORIZON, calls, end_change=0.25)
+
+        def recording(state, states, i, forcings, static, generators=None):
+            times.extend(i.tolist())
+            if bool((i == 0).all()):  # the window's start state itself
+                torch.testing.assert_close(state, states[:, -1])
+            return forecast(state, states, i, forcings, static, generators)
+
+        model.forecast = recording
+        for seed in range(6):
+            metrics = objective(model, batch, steps=1, generator=torch.Generator().manual_seed(seed))
+        return {"times": times, "calls": calls, "metrics": metrics, "batch": batch, "objective": objective,
+                "model": model}
+
+    start = stage_two({"sampler": "direct", "lookahead_weight": 0.0, "forecaster_times": "start"})
+    assert start["objective"].forecaster_times == "start"
+    assert set(start["times"]) == {0.0} and len(start["times"]) == 6 * 4
+    assert start["calls"] == {"forecaster": 6, "interpolator": 0}
+    inputs, end = start["batch"]["inputs"][:, -1].float(), start["batch"]["targets"][:, HORIZON - 1].float()
+    expected = torch.sqrt((((inputs + 0.25 - end) * start["model"].residual_scale) ** 2
+                           * start["objective"].point_weights(torch.device("cpu"))).mean())
+    torch.testing.assert_close(start["metrics"]["forecast_rmse"], expected)
+    every = stage_two({"sampler": "direct", "lookahead_weight": 0.0})
+    assert set(every["times"]) == {float(i) for i in range(HORIZON)}
+
+
+def test_forecaster_times_start_needs_the_direct_sampler_and_no_look_ahead(stores):
+    for model, found in (({"sampler": "cold", "lookahead_weight": 0.0}, "sampler 'cold' and lookahead_weight 0.0"),
+                         ({"sampler": "direct", "lookahead_weight": 0.5}, "sampler 'direct' and lookahead_weight 0.5")):
+        with pytest.raises(ConfigError, match=rf"forecaster_times 'start' trains .* found {found}"):
+            dyffusion_config(stores, model={**model, "forecaster_times": "start"})
+    with pytest.raises(ConfigError, match="forecaster_times"):
+        dyffusion_config(stores, model={"forecaster_times": "middle"})
+    with pytest.raises(ValueError, match="'start' has no look-ahead"):
+        DYffusionObjective(area_weights=np.ones(8), channel_weights=np.ones(4), interpolator_steps=1,
+                           lookahead_weight=0.5, forecaster_times="start")
+
+
 def test_chained_windows_are_refused_without_enough_targets(stores):
     setup = TRAINABLE["dyffusion"](dyffusion_config(stores, model={"training_windows": 2}))
     batch = torch.utils.data.default_collate([setup.train[i] for i in range(2)])

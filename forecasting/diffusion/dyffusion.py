@@ -28,6 +28,9 @@ sampled from the analyses by the model itself (its ``sampler``, no gradients, dr
 forecaster loss above is taken on window ``k + 1`` from those sampled states against its true end (the
 pushforward trick of Brandstetter, Worrall and Welling 2022). The interpolator stage always uses the first window.
 
+Forecaster at the start only (``forecaster_times: start``, ours): the direct sampler below calls the forecaster
+at ``i = 0`` only, so stage 2 can spend every sample there: ``i = 0`` always, no look-ahead term.
+
 Sampling is the paper's cold sampling (Algorithm 2) on a schedule ``0 = i_0 < i_1 < ... < i_{N-1} < i_N = h``:
 
     s^(0) = x_t;   for n = 0 .. N-1:
@@ -323,23 +326,29 @@ class DYffusionObjective(WeightedObjective):
     Metrics besides ``loss``: ``stage`` (1 interpolator, 2 forecaster); ``interpolation_rmse`` in stage 1;
     ``forecast_rmse`` and, with ``lookahead_weight > 0``, ``lookahead_rmse`` in stage 2; with K > 1 also
     ``sampled_windows`` (the windows the model sampled before the trained one) in stage 2. The sampled windows
-    use ``sampler`` (``cold`` on the whole steps, or ``direct``), as forecasts do.
+    use ``sampler`` (``cold`` on the whole steps, or ``direct``), as forecasts do. With ``forecaster_times``
+    ``start`` stage 2 trains the forecaster at ``i = 0`` only (no look-ahead).
     """
 
     def __init__(
         self, *, area_weights: np.ndarray, channel_weights: np.ndarray, interpolator_steps: int,
-        lookahead_weight: float, training_windows: int = 1, sampler: str = "cold",
+        lookahead_weight: float, training_windows: int = 1, sampler: str = "cold", forecaster_times: str = "all",
     ) -> None:
         if interpolator_steps < 1 or not 0.0 <= lookahead_weight < 1.0 or training_windows < 1:
             raise ValueError(
                 "need interpolator_steps >= 1, 0 <= lookahead_weight < 1 and training_windows >= 1; found "
                 f"{interpolator_steps}, {lookahead_weight}, {training_windows}"
             )
+        if forecaster_times not in ("all", "start"):
+            raise ValueError(f"forecaster_times must be 'all' or 'start'; found {forecaster_times!r}")
+        if forecaster_times == "start" and lookahead_weight > 0:
+            raise ValueError(f"forecaster_times 'start' has no look-ahead; found lookahead_weight {lookahead_weight}")
         super().__init__(area_weights=area_weights, channel_weights=channel_weights)
         self.interpolator_steps = int(interpolator_steps)
         self.lookahead_weight = float(lookahead_weight)
         self.training_windows = int(training_windows)
         self.sampler = _checked(sampler)
+        self.forecaster_times = forecaster_times
 
     def stage(self, model: DYffusion) -> int:
         """The stage the network's next step trains: 1 (interpolator) or 2 (forecaster)."""
@@ -403,7 +412,10 @@ class DYffusionObjective(WeightedObjective):
             end = targets[:, (sampled + 1) * horizon - 1]
         else:
             end = targets[:, horizon - 1]
-        i = torch.randint(0, horizon, (batch_size,), generator=generator, device=device)
+        if self.forecaster_times == "start":
+            i = torch.zeros(batch_size, dtype=torch.long, device=device)
+        else:
+            i = torch.randint(0, horizon, (batch_size,), generator=generator, device=device)
         state = inputs[:, -1].clone()
         later = i > 0
         with torch.no_grad():
@@ -579,13 +591,14 @@ def dyffusion_training_setup(config: ExperimentConfig) -> TrainingSetup:
         config, forecaster, target_steps=model.horizon * model.training_windows,
         objective=partial(DYffusionObjective, interpolator_steps=interpolator_steps,
                           lookahead_weight=model.lookahead_weight, training_windows=model.training_windows,
-                          sampler=model.sampler),
+                          sampler=model.sampler, forecaster_times=model.forecaster_times),
         summary={
             "parameters": {name: sum(p.numel() for p in getattr(forecaster.model, name).parameters())
                            for name in ("interpolator", "forecaster")},
             "horizon": model.horizon,
             "interpolator_steps": interpolator_steps,
             "sampler": model.sampler,
+            "forecaster_times": model.forecaster_times,
             "sampling_schedule": forecaster.schedule,
             "network_evaluations_per_window": network_evaluations(
                 model.horizon, model.sampling_steps or model.horizon, model.sampler),
