@@ -279,7 +279,8 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
     ``perturbation_map_hours`` (None: one amplitude everywhere) shapes every perturbation field in space: it is
     multiplied at each grid point by the standard deviation of the ``perturbation_map_hours`` change there over
-    the initial-condition store's statistics period (its ``train_period``), to the power
+    the initial-condition store's statistics period (its ``train_period``; at most 1,024 pairs of times, a fixed
+    random draw), to the power
     ``perturbation_map_power``, scaled to an area-weighted rms of 1 per channel, so that members spread more
     where the weather changes more and the mean amplitude stays.
     ``spectral_filter_hours`` (forecasting only; global grid only; None: off) damps the forecast's change since

@@ -16,6 +16,7 @@ import xarray as xr
 from lightning.fabric.utilities.seed import seed_everything
 
 from forecasting.config import ConfigError, ExperimentConfig
+from forecasting.diffusion import conditional
 from forecasting.diffusion.dyffusion import (
     DYffusion,
     DYffusionForecaster,
@@ -572,6 +573,16 @@ def test_a_perturbation_map_follows_the_stores_change_deviations(trained, analys
     np.testing.assert_allclose(shaped.perturbation_map.numpy(), want, rtol=1e-4)
     assert np.isfinite(b.to_array().values).all()
     assert float(abs(a - b).to_array().max()) > 0
+
+    # On a long store a fixed random subset of the pairs is used: the same every time, unit rms, not the full map
+    assert change.sizes["time"] > 6
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(conditional, "PERTURBATION_MAP_PAIRS", 6)
+        subset, again = shaped._perturbation_map(ds).numpy(), shaped._perturbation_map(ds).numpy()
+    np.testing.assert_array_equal(subset, again)
+    assert np.isfinite(subset).all() and not np.allclose(subset, want, rtol=1e-3)
+    np.testing.assert_allclose(np.sqrt((subset**2 * weights).sum(axis=(1, 2)) / (weights.sum() * std.shape[2])), 1.0,
+                               rtol=1e-5)
 
     bare = ds.copy()
     bare.attrs = {k: v for k, v in ds.attrs.items() if k != "train_period"}

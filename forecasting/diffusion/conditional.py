@@ -111,6 +111,8 @@ __all__ = [
 _CIRCLE_ATOL = 1e-3
 #: Mixed into the member seeds of the initial perturbations, so that they are not the sampler's noise.
 _PERTURBATION_SALT = 0x1A5E_D0C7_9E37_79B9
+#: At most this many pairs of times estimate a perturbation map's change deviations (about 2 % sampling error).
+PERTURBATION_MAP_PAIRS = 1024
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,6 +283,8 @@ class OneGridDiffusionForecaster(Forecaster):
     def _perturbation_map(self, ds: xr.Dataset) -> Tensor | None:
         """The map of ``model.perturbation_map_hours`` (C, H, W) from the analysis ``ds`` over its statistics
         period (:func:`~forecasting.diffusion.perturbations.change_std_map`), or None when the key is unset.
+        The change deviations come from every pair of times that far apart in the period, or from
+        :data:`PERTURBATION_MAP_PAIRS` of them drawn at random (a fixed draw) when there are more.
         Raises SchemaError when ``ds`` has no ``train_period`` or no pair of times that far apart in it."""
         config = self.model_config
         if config.perturbation_map_hours is None:
@@ -295,13 +299,20 @@ class OneGridDiffusionForecaster(Forecaster):
         lag = pd.Timedelta(hours=config.perturbation_map_hours)
         variables = list(self.channels.variables)
         sub = ds[variables].sel({TIME: slice(*period)})
-        later = sub.assign_coords({TIME: sub[TIME] - lag})  # label t holds the state at t + lag
-        change = later - sub  # aligned on the times present in both
-        if change.sizes[TIME] < 2:
+        times = pd.DatetimeIndex(sub[TIME].values)
+        firsts = np.flatnonzero(times.isin(times - lag))  # positions whose state `lag` later is in the period
+        if len(firsts) < 2:
             raise SchemaError(
                 f"{source}: fewer than 2 pairs of times {lag} apart in the statistics period {list(period)}; "
                 "model.perturbation_map_hours cannot be estimated"
             )
+        if len(firsts) > PERTURBATION_MAP_PAIRS:  # a fixed random subset: the cost stays bounded on long stores
+            firsts = np.sort(np.random.default_rng(0).choice(firsts, PERTURBATION_MAP_PAIRS, replace=False))
+        seconds = times.get_indexer(times[firsts] + lag)
+        read, where = np.unique(np.concatenate([firsts, seconds]), return_inverse=True)
+        states = sub.isel({TIME: read}).load()  # each time read once
+        later, earlier = states.isel({TIME: where[len(firsts):]}), states.isel({TIME: where[:len(firsts)]})
+        change = later - earlier.assign_coords({TIME: later[TIME]})
         std = self.channels.stack(change.std(TIME))
         try:
             spatial = change_std_map(std, self.latitude, power=config.perturbation_map_power)
