@@ -6,6 +6,7 @@ members do not depend on the batching; checkpoints round-trip; bad settings fail
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -443,7 +444,7 @@ def test_forecaster_times_start_trains_the_forecaster_at_the_windows_start_only(
     assert set(every["times"]) == {float(i) for i in range(HORIZON)}
 
 
-def test_forecaster_times_start_needs_the_direct_sampler_and_no_look_ahead(stores):
+def test_forecaster_times_start_needs_the_direct_sampler_and_no_look_ahead(stores, trained):
     for model, found in (({"sampler": "cold", "lookahead_weight": 0.0}, "sampler 'cold' and lookahead_weight 0.0"),
                          ({"sampler": "direct", "lookahead_weight": 0.5}, "sampler 'direct' and lookahead_weight 0.5")):
         with pytest.raises(ConfigError, match=rf"forecaster_times 'start' trains .* found {found}"):
@@ -453,6 +454,13 @@ def test_forecaster_times_start_needs_the_direct_sampler_and_no_look_ahead(store
     with pytest.raises(ValueError, match="'start' has no look-ahead"):
         DYffusionObjective(area_weights=np.ones(8), channel_weights=np.ones(4), interpolator_steps=1,
                            lookahead_weight=0.5, forecaster_times="start")
+    # a checkpoint trained at the start only cannot be cold-sampled (--sampling sampler=cold)
+    ckpt = load_checkpoint(trained["checkpoint"])
+    started = dataclasses.replace(ckpt, config={**ckpt.config, "model": {
+        **ckpt.config["model"], "sampler": "direct", "lookahead_weight": 0.0, "forecaster_times": "start"}})
+    assert DYffusionForecaster.from_checkpoint(with_sampling(started, {"initial_perturbation": 0.1}))
+    with pytest.raises(ConfigError, match="forecaster_times 'start' trains .* found sampler 'cold'"):
+        with_sampling(started, {"sampler": "cold"})
 
 
 def test_chained_windows_are_refused_without_enough_targets(stores):
