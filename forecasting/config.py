@@ -277,6 +277,9 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
     leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
+    ``initial_perturbation_scales`` multiplies the initial perturbations alone on top of it, per variable or
+    channel (default 1): a channel whose first hours are under-dispersed gets a larger start without changing
+    the perturbations renewed later.
     ``perturbation_map_hours`` (None: one amplitude everywhere) shapes every perturbation field in space: it is
     multiplied at each grid point by the standard deviation of the ``perturbation_map_hours`` change there over
     the initial-condition store's statistics period (its ``train_period``; at most 1,024 pairs of times, a fixed
@@ -295,6 +298,7 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     initial_perturbation: float = Field(0.0, ge=0)
     perturbation_length: float = Field(3.0, gt=0)
     perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
+    initial_perturbation_scales: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     perturbation_map_hours: float | None = Field(None, gt=0)
     perturbation_map_power: float = Field(1.0, gt=0)
     spectral_filter_hours: float | None = Field(None, gt=0)

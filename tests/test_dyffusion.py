@@ -668,3 +668,44 @@ def test_perturbation_scales_set_each_channels_share_and_name_unknown_keys(train
         DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {"perturbation_scales": {"not_a_variable": 1.0}}))
     with pytest.raises(ConfigError, match="perturbation_scales"):
         with_sampling(ckpt, {"perturbation_scales": {variables[0]: -1.0}})
+
+
+def test_initial_perturbation_scales_size_the_start_alone(trained, analysis):
+    """``initial_perturbation_scales`` multiplies the initial perturbation per variable or channel on top of
+    ``perturbation_scales`` and leaves the perturbations renewed at later windows as they are; unknown names and
+    negative values fail, naming the key."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    plain = DYffusionForecaster.from_checkpoint(ckpt)
+    variables = plain.channels.variables
+    names = plain.channels.names
+    scaled = DYffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {"initial_perturbation_scales": {variables[0]: 3.0}})
+    )
+    states = torch.zeros(2, 2, len(names), len(plain.latitude), len(plain.longitude))
+
+    def field(initial: bool) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(i) for i in range(2)]
+        return scaled._perturbed(states, generators, 1.0, initial=initial)
+
+    start, later = field(True), field(False)
+    want = np.array([3.0 if n.split("@")[0] == variables[0] else 1.0 for n in names])
+    for c, factor in enumerate(want):
+        torch.testing.assert_close(start[:, :, c], factor * later[:, :, c])
+    np.testing.assert_allclose(scaled.perturbation_scale.numpy(), plain.perturbation_scale.numpy())
+
+    # No initial perturbation in any channel: the forecast with renewed ones only, exactly
+    settings = {"initial_perturbation": 3.0, "window_perturbation": 3.0, "estimate_perturbation": 0.0}
+    off = DYffusionForecaster.from_checkpoint(
+        with_sampling(ckpt, {**settings, "initial_perturbation_scales": dict.fromkeys(variables, 0.0)})
+    )
+    renewed = DYffusionForecaster.from_checkpoint(with_sampling(ckpt, {**settings, "initial_perturbation": 0.0}))
+    steps = 2 * HORIZON
+    a = off.forecast(analysis[GLOBAL], steps=steps, members=2, starts=STARTS, seed=3)
+    xr.testing.assert_equal(a, renewed.forecast(analysis[GLOBAL], steps=steps, members=2, starts=STARTS, seed=3))
+    assert float(a.isel({LEAD: -1}).std(MEMBER).to_array().mean()) > 0
+    with pytest.raises(ConfigError, match=r"model.initial_perturbation_scales names \['not_a_variable'\]"):
+        DYffusionForecaster.from_checkpoint(
+            with_sampling(ckpt, {"initial_perturbation_scales": {"not_a_variable": 1.0}})
+        )
+    with pytest.raises(ConfigError, match="initial_perturbation_scales"):
+        with_sampling(ckpt, {"initial_perturbation_scales": {variables[0]: -1.0}})

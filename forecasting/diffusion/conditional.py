@@ -237,6 +237,11 @@ class OneGridDiffusionForecaster(Forecaster):
         self.step = pd.Timedelta(step)
         self.input_steps = model_config.input_steps
         self.perturbation_scale = self._perturbation_scale()
+        self.initial_perturbation_scale = torch.as_tensor(
+            self.channels.per_channel(model_config.initial_perturbation_scales,
+                                      key="model.initial_perturbation_scales"),
+            dtype=torch.float32,
+        )
         self.perturbation_map: Tensor | None = None  # set per forecast from the store (perturbation_map_hours)
         self.spectral_filter = self._spectral_filter()
         self.model = self._network()
@@ -270,14 +275,16 @@ class OneGridDiffusionForecaster(Forecaster):
             order=self.model_config.spectral_filter_order,
         )
 
-    def _perturbed(self, states: Tensor, generators: Sequence[torch.Generator], amplitude: float) -> Tensor:
+    def _perturbed(self, states: Tensor, generators: Sequence[torch.Generator], amplitude: float, *,
+                   initial: bool = False) -> Tensor:
         """``states`` (n_samples, T_in, C, H, W), normalised, plus a smooth field per sample of ``amplitude``
         6-hour tendency stds drawn from its generator, with the config's ``perturbation_length`` and
-        ``perturbation_scales`` (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`)."""
+        ``perturbation_scales`` (and ``initial_perturbation_scales`` when ``initial``)
+        (:func:`~forecasting.diffusion.perturbations.perturb_initial_states`)."""
+        scale = self.perturbation_scale * self.initial_perturbation_scale if initial else self.perturbation_scale
         return perturb_initial_states(
             states, generators, amplitude=amplitude, length=self.model_config.perturbation_length,
-            periodic_lon=self.grid == GLOBAL, tendency_scale=self.perturbation_scale,
-            spatial_scale=self.perturbation_map,
+            periodic_lon=self.grid == GLOBAL, tendency_scale=scale, spatial_scale=self.perturbation_map,
         )
 
     def _perturbation_map(self, ds: xr.Dataset) -> Tensor | None:
@@ -475,7 +482,7 @@ class OneGridDiffusionForecaster(Forecaster):
         if self.model_config.initial_perturbation > 0:
             states = self._perturbed(
                 states, self._member_generators(starts, members, seed, salt=_PERTURBATION_SALT),
-                self.model_config.initial_perturbation,
+                self.model_config.initial_perturbation, initial=True,
             )
         shape = (len(starts), members, len(self.channels), len(self.latitude), len(self.longitude))
         mean = torch.as_tensor(norm.mean, dtype=torch.float32, device=self.device)[:, None, None]
