@@ -276,7 +276,8 @@ class OneGridDiffusionConfig(UNetSizesConfig):
     ``initial_perturbation`` times each channel's 6-hour tendency std, correlated over ``perturbation_length``
     grid cells (forecasting.diffusion.perturbations): a source of ensemble spread besides the model's own.
     ``perturbation_scales`` multiplies the amplitude per variable or channel (e.g. ``{2m_temperature: 0}``
-    leaves t2m unperturbed; default 1), for the initial perturbations and DYffusion's ``window_perturbation``.
+    leaves t2m unperturbed; default 1), for every perturbation: the initial ones, the renewed ones of
+    ``window_perturbation`` (rolling, DYffusion) and DYffusion's ``estimate_perturbation``.
     ``initial_perturbation_scales`` multiplies the initial perturbations alone on top of it, per variable or
     channel (default 1): a channel whose first hours are under-dispersed gets a larger start without changing
     the perturbations renewed later.
