@@ -33,7 +33,7 @@ else
     say "no .whl/device: using the image's packages as they are"
 fi
 baseline=""
-for candidate in shared/bench/gnn_baseline.py ../shared/bench/gnn_baseline.py; do
+for candidate in shared/bench/gnn_baseline.py ../shared/bench/gnn_baseline.py .whl/device/gnn_baseline.py; do
     [ -f "$candidate" ] && baseline=$candidate && break
 done
 
