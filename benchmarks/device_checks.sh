@@ -3,8 +3,8 @@
 # its own time limit, every figure as JSON lines in $OUT (default benchmarks/out):
 #   1. graph_network.jsonl: the project's graph network (benchmarks/bench_graph_network.py) and the plain
 #      torch-geometric build of shared/bench/gnn_baseline.py at the 1-degree size (65,160 grid nodes, mesh
-#      level 6, hidden 512, 16 layers, bf16), in one run on the same GPU; the project's again under
-#      torch.compile; then the 0.25-degree size (1,038,240 grid nodes), which reports whether it fits at all;
+#      level 6, hidden 512, 16 layers, bf16), in one run on the same GPU; the 0.25-degree size (1,038,240 grid
+#      nodes), which reports whether it fits at all; last, the 1-degree size again under torch.compile;
 #   2. diffusion.jsonl: sampling cost per member and lead of each diffusion family on both quickstart grids
 #      (benchmarks/bench_diffusion.py);
 #   3. summary.txt: the step-time ratio against the baseline and the lines above in short
@@ -37,12 +37,14 @@ for candidate in shared/bench/gnn_baseline.py ../shared/bench/gnn_baseline.py .w
     [ -f "$candidate" ] && baseline=$candidate && break
 done
 
-# run LIMIT_S FILE COMMAND...: COMMAND's stdout appended to FILE, its stderr to the log; a failure is logged
+# run LIMIT_S FILE COMMAND...: COMMAND's stdout appended to FILE, its stderr to the log; a failure is logged, and
+# summary.txt is rewritten after every step, so a run stopped from outside still leaves what it measured
 run() {
     local limit=$1 file=$2; shift 2
     say "start (limit ${limit} s): $*"
     timeout "$limit" "$@" >> "$file" 2>> "$log"
     say "rc $? after: $*"
+    python3 benchmarks/device_summary.py "$OUT" > "$OUT/summary.txt" 2>> "$log"
 }
 
 if command -v nvidia-smi > /dev/null; then
@@ -62,11 +64,12 @@ if [ "$DEVICE" = cpu ]; then
     run 600 "$OUT/diffusion.jsonl" python3 benchmarks/bench_diffusion.py --device cpu --repeats 1 --grid global \
         --family dyffusion
 else
-    [ -n "$baseline" ] && run 240 "$g" python3 "$baseline" --impl plain-pyg
+    # most wanted first: the device tool stops a command at 10 minutes, and these limits add up to more
+    [ -n "$baseline" ] && run 150 "$g" python3 "$baseline" --impl plain-pyg
     [ -z "$baseline" ] && say "shared/bench/gnn_baseline.py not found: no baseline line"
-    run 240 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 1deg
-    run 300 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 1deg --compile
-    run 300 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 0.25deg
-    run 240 "$OUT/diffusion.jsonl" python3 benchmarks/bench_diffusion.py --device "$DEVICE"
+    run 150 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 1deg
+    run 200 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 0.25deg
+    run 120 "$OUT/diffusion.jsonl" python3 benchmarks/bench_diffusion.py --device "$DEVICE"
+    run 180 "$g" python3 benchmarks/bench_graph_network.py --device "$DEVICE" --size 1deg --compile
 fi
-python3 benchmarks/device_summary.py "$OUT" | tee "$OUT/summary.txt" | tee -a "$log"
+tee -a "$log" < "$OUT/summary.txt"
