@@ -373,8 +373,9 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     EDM's weighting alone). Stochastic churn ``churn`` with ``s_noise`` on frames between ``s_tmin`` and ``s_tmax``
     (None: no upper bound) as EDM's Algorithm 2, spread over the ``window * sampling_steps`` steps a frame
     lives (0: the deterministic ODE). ``window_perturbation`` > 0 adds, when forecasting, a fresh smooth field of
-    that many 6-hour tendency stds to each member's states after every ``window`` emitted leads (as DYffusion's
-    renewed perturbations; ``perturbation_length`` and ``perturbation_scales`` apply). U-Net sizes as in
+    that many 6-hour tendency stds to each member's states after every ``perturbation_every`` emitted leads
+    (None: every ``window``, as DYffusion's renewed perturbations; ``perturbation_length`` and
+    ``perturbation_scales`` apply). U-Net sizes as in
     :class:`UNetSizesConfig`;
     ``member_batch`` samples (start time x member) per network call.
     """
@@ -396,6 +397,7 @@ class RollingDiffusionModelConfig(OneGridDiffusionConfig):
     s_tmin: float = Field(0.0, ge=0)
     s_tmax: float | None = Field(None, gt=0)
     window_perturbation: float = Field(0.0, ge=0)
+    perturbation_every: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _valid(self) -> RollingDiffusionModelConfig:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
 from torch import Tensor
 
 from forecasting.config import ConfigError, ExperimentConfig
@@ -273,6 +274,28 @@ def test_window_perturbations_leave_the_first_window_alone_and_add_spread_after_
     diffusion_helpers.assert_window_perturbations_leave_the_first_window_alone(
         RollingDiffusionForecaster, trained["checkpoint"], analysis[GLOBAL], window=WINDOW, amplitude=5.0
     )
+
+
+def test_perturbation_every_sets_how_often_the_field_is_renewed(trained, analysis):
+    """``--sampling perturbation_every=K``: the renewed field comes after every K emitted leads instead of every
+    window. K = 1 leaves the first lead as it was and spreads the second; K = W is the default's forecast."""
+    ckpt = load_checkpoint(trained["checkpoint"])
+    steps, settings = WINDOW + 1, {"window_perturbation": 5.0, "perturbation_length": 2.0}
+
+    def forecast(extra: dict) -> xr.Dataset:
+        model = RollingDiffusionForecaster.from_checkpoint(with_sampling(ckpt, {**settings, **extra}))
+        return model.forecast(analysis[GLOBAL], steps=steps, members=4, starts=STARTS, seed=3)
+
+    def spread(fc: xr.Dataset, lead: int) -> float:
+        return float(fc.isel({LEAD: lead}).std(MEMBER).to_array().mean())
+
+    every_window, each_lead = forecast({}), forecast({"perturbation_every": 1})
+    xr.testing.assert_equal(forecast({"perturbation_every": WINDOW}), every_window)
+    xr.testing.assert_equal(each_lead.isel({LEAD: 0}), every_window.isel({LEAD: 0}))
+    assert spread(each_lead, 1) > 1.5 * spread(every_window, 1), (spread(each_lead, 1), spread(every_window, 1))
+    assert np.isfinite(each_lead.to_array().values).all()
+    with pytest.raises(ConfigError, match="perturbation_every"):
+        with_sampling(ckpt, {"perturbation_every": 0})
 
 
 

@@ -52,8 +52,8 @@ on ``t_i = 1 - i / S`` with Euler or Heun steps (EDM Algorithm 1: no correction 
 per emitted lead (:func:`~forecasting.diffusion.samplers.evaluations`), the first window ``evaluations(method,
 init_steps)``. Forecasts run for any number of leads, past the training window. Optional stochastic churn (EDM
 Algorithm 2, frame by frame) and renewed perturbations (``window_perturbation``: after every ``W`` emitted
-leads the states the window is conditioned on get a fresh smooth field, as for DYffusion; ours, not the
-paper's) are sampling choices. The noise of every frame of
+leads, or every ``perturbation_every``, the states the window is conditioned on get a fresh smooth field, as
+for DYffusion; ours, not the paper's) are sampling choices. The noise of every frame of
 member ``m`` from start ``s`` comes from a generator seeded by ``(seed, s, m)``, so a member is the same
 whatever the batching; ``member_batch`` samples go through the network at once.
 
@@ -370,6 +370,7 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
         n_samples = states.shape[0]
         n_channels, height, width = len(self.channels), len(self.latitude), len(self.longitude)
         window = self.schedule.window
+        every = window if config.perturbation_every is None else config.perturbation_every
         generators = self._member_generators(starts, members, seed)
         groups = self._member_batches(n_samples)
         sigma_max = self.schedule.sigma_max
@@ -399,9 +400,9 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
                 emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
             state = self._damped(torch.cat(emitted), origin)  # (n_samples, C, H, W), normalised
             states = torch.cat([states[:, 1:], state[:, None]], dim=1)
-            if config.window_perturbation > 0 and (k + 1) % window == 0 and k + 1 < steps:
-                # a fresh field every window of leads; the emitted state itself stays as sampled
-                renewal = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + (k + 1) // window)
+            if config.window_perturbation > 0 and (k + 1) % every == 0 and k + 1 < steps:
+                # a fresh field every `every` leads; the emitted state itself stays as sampled
+                renewal = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + (k + 1) // every)
                 states = self._perturbed(states, renewal, config.window_perturbation)
             yield k, state
 
