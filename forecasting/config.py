@@ -350,9 +350,14 @@ class DiffusionModelConfig(EDMSamplingConfig, OneGridDiffusionConfig):
     One grid per model (``grid``). A forecasting.models.UNet (sizes as in :class:`UNetSizesConfig`) denoises
     the next state's residual given the last ``input_steps`` states, with the EDM constants and sampler
     settings of :class:`EDMSamplingConfig`; ``member_batch`` samples (start time x member) per sampler call.
+    ``window_perturbation`` > 0 adds, when forecasting, a fresh smooth field of that many 6-hour tendency stds
+    to each member's states after every ``perturbation_every`` leads (as the rolling family's renewed
+    perturbations; ``perturbation_length`` and ``perturbation_scales`` apply; ours, not GenCast's).
     """
 
     family: Literal["diffusion"] = "diffusion"
+    window_perturbation: float = Field(0.0, ge=0)
+    perturbation_every: int = Field(1, ge=1)
 
 
 class RollingDiffusionModelConfig(OneGridDiffusionConfig):

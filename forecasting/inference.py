@@ -471,8 +471,8 @@ def predict(
 SAMPLING_KEYS: dict[str, tuple[str, ...]] = {
     "diffusion": ("sampler", "sampling_steps", "sigma_min", "sigma_max", "rho", "churn", "s_noise", "s_tmin",
                   "s_tmax", "member_batch", "initial_perturbation", "perturbation_length", "perturbation_scales",
-                  "initial_perturbation_scales", "perturbation_map_hours", "perturbation_map_power",
-                  "spectral_filter_hours", "spectral_filter_order"),
+                  "initial_perturbation_scales", "window_perturbation", "perturbation_every", "perturbation_map_hours",
+                  "perturbation_map_power", "spectral_filter_hours", "spectral_filter_order"),
     "rolling": ("sampler", "sampling_steps", "init_steps", "churn", "s_noise", "s_tmin", "s_tmax", "member_batch",
                 "initial_perturbation", "perturbation_length", "perturbation_scales", "initial_perturbation_scales",
                 "window_perturbation", "perturbation_every", "perturbation_map_hours", "perturbation_map_power",

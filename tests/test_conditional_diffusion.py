@@ -24,6 +24,7 @@ from forecasting.diffusion.conditional import (
 )
 from forecasting.errors import SchemaError
 from forecasting.forecasters import FAMILIES, GLOBAL, REGIONAL, build_forecaster
+from forecasting.inference import with_sampling
 from forecasting.schema import LEAD, MEMBER, TIME
 from forecasting.training.checkpoint import load_checkpoint
 from forecasting.training.train import TRAINABLE
@@ -135,6 +136,29 @@ def test_spectral_filter_damps_the_small_scales_of_the_change_and_needs_the_glob
     )
     with pytest.raises(ConfigError, match="spectral_filter_hours needs the global grid"):
         build_forecaster(diffusion_config(stores, model={"grid": "regional", "spectral_filter_hours": 12.0}))
+
+
+def test_renewed_perturbations_leave_the_first_lead_alone_and_come_every_k_leads(trained, analysis):
+    """``--sampling window_perturbation=A``: after every lead (``perturbation_every`` 1, the default) the states
+    the next step is conditioned on get a fresh smooth field; the first lead is the plain forecast's exactly.
+    With ``perturbation_every=2`` the second lead is the plain one too and the third spreads more."""
+    diffusion_helpers.assert_window_perturbations_leave_the_first_window_alone(
+        DiffusionForecaster, trained["checkpoint"], analysis[GLOBAL], window=1, amplitude=10.0
+    )
+    ckpt = load_checkpoint(trained["checkpoint"])
+    settings = {"window_perturbation": 10.0, "perturbation_length": 2.0}
+    plain = DiffusionForecaster.from_checkpoint(ckpt).forecast(analysis[GLOBAL], steps=3, members=4, starts=STARTS,
+                                                               seed=3)
+    every_two = DiffusionForecaster.from_checkpoint(with_sampling(ckpt, {**settings, "perturbation_every": 2}))
+    fc = every_two.forecast(analysis[GLOBAL], steps=3, members=4, starts=STARTS, seed=3)
+    xr.testing.assert_equal(fc.isel({LEAD: slice(0, 2)}), plain.isel({LEAD: slice(0, 2)}))
+
+    def spread(ds: xr.Dataset) -> float:
+        return float(ds.isel({LEAD: 2}).std(MEMBER).to_array().mean())
+
+    assert spread(fc) > 1.5 * spread(plain), (spread(fc), spread(plain))
+    with pytest.raises(ConfigError, match="perturbation_every"):
+        with_sampling(ckpt, {"perturbation_every": 0})
 
 
 def test_members_do_not_depend_on_the_batching(trained, analysis):

@@ -111,6 +111,9 @@ __all__ = [
 _CIRCLE_ATOL = 1e-3
 #: Mixed into the member seeds of the initial perturbations, so that they are not the sampler's noise.
 _PERTURBATION_SALT = 0x1A5E_D0C7_9E37_79B9
+#: Salts the generators of the renewed perturbations (the ``n``-th renewal uses ``_RENEWAL_SALT + n``) apart from
+#: the sampler's noise and the initial perturbations.
+_RENEWAL_SALT = 0x5BD1_E995_7F4A_7C15
 #: At most this many pairs of times estimate a perturbation map's change deviations (about 2 % sampling error).
 PERTURBATION_MAP_PAIRS = 1024
 
@@ -286,6 +289,13 @@ class OneGridDiffusionForecaster(Forecaster):
             states, generators, amplitude=amplitude, length=self.model_config.perturbation_length,
             periodic_lon=self.grid == GLOBAL, tendency_scale=scale, spatial_scale=self.perturbation_map,
         )
+
+    def _renewed(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int, *, renewal: int) -> Tensor:
+        """``states`` (n_samples, T_in, C, H, W) plus a fresh smooth field per sample of ``window_perturbation``
+        tendency stds, the ``renewal``-th of the forecast, drawn from a generator seeded by ``(seed, start,
+        member)`` and salted by ``renewal`` apart from the sampler's noise and the initial perturbations."""
+        generators = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + renewal)
+        return self._perturbed(states, generators, self.model_config.window_perturbation)
 
     def _perturbation_map(self, ds: xr.Dataset) -> Tensor | None:
         """The map of ``model.perturbation_map_hours`` (C, H, W) from the analysis ``ds`` over its statistics
@@ -827,6 +837,11 @@ class DiffusionForecaster(OneGridDiffusionForecaster):
                 ))
             state = self._damped(torch.cat(parts), origin)  # (n_samples, C, H, W), normalised
             window = torch.cat([window[:, 1:], state[:, None]], dim=1)
+            every = config.perturbation_every
+            if config.window_perturbation > 0 and (k + 1) % every == 0 and k + 1 < steps:
+                # a fresh field every `every` leads on the states the next step is conditioned on; the emitted
+                # state itself stays as sampled
+                window = self._renewed(window, starts, members, seed, renewal=(k + 1) // every)
             yield k, state
 
 

@@ -402,14 +402,8 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
             states = torch.cat([states[:, 1:], state[:, None]], dim=1)
             if config.window_perturbation > 0 and (k + 1) % every == 0 and k + 1 < steps:
                 # a fresh field every `every` leads; the emitted state itself stays as sampled
-                renewal = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + (k + 1) // every)
-                states = self._perturbed(states, renewal, config.window_perturbation)
+                states = self._renewed(states, starts, members, seed, renewal=(k + 1) // every)
             yield k, state
-
-
-#: Salts the generators of the renewed perturbations (the ``n``-th renewal uses ``_RENEWAL_SALT + n``) apart from
-#: the frames' noise and the initial perturbations.
-_RENEWAL_SALT = 0x5BD1_E995_7F4A_7C15
 
 
 def rolling_training_setup(config: ExperimentConfig) -> TrainingSetup:
