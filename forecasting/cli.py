@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "perturbation_map_power, spectral_filter_hours, spectral_filter_order for all three; churn, "
                    "s_noise, s_tmin, s_tmax for the conditional and rolling families; the conditional family's "
                    "schedule sigma_min, sigma_max, rho; init_steps for rolling; window_perturbation for all three; "
-                   "perturbation_every for the conditional and rolling families; estimate_perturbation and forecaster_dropout_at_inference for dyffusion); "
+                   "perturbation_every for the conditional and rolling families; estimate_perturbation and "
+                   "forecaster_dropout_at_inference for dyffusion); "
                    "repeatable, values in YAML, e.g. 'perturbation_scales={2m_temperature: 0}' or "
                    "spectral_filter_hours=null")
     p.add_argument("--overwrite", action="store_true", help="replace an existing forecast")
