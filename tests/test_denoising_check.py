@@ -47,18 +47,21 @@ class Constant(nn.Module):
         return x if self.identity else torch.zeros_like(x)
 
 
-@pytest.fixture(scope="module")
+# A fresh forecaster per test: the tests swap its network's denoiser for a stand-in. (pytest's monkeypatch
+# cannot undo that on a torch submodule, which lives in ``_modules``, not the instance ``__dict__``: pytest 9.2
+# deletes the attribute instead of restoring it.)
+@pytest.fixture
 def conditional(stores):
     return build_forecaster(diffusion_config(stores))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def rolling(stores):
     return build_forecaster(rolling_config(stores))
 
 
-def test_conditional_levels_are_the_sampler_schedule(conditional, stores, monkeypatch):
-    monkeypatch.setattr(conditional.model, "denoiser", Constant(identity=True))
+def test_conditional_levels_are_the_sampler_schedule(conditional, stores):
+    conditional.model.denoiser = Constant(identity=True)
     table = denoising_check(conditional, stores[0], period=PERIOD, samples=4)
     assert list(table.columns) == list(CHECK_COLUMNS)
     steps = conditional.model_config.sampling_steps
@@ -71,8 +74,8 @@ def test_conditional_levels_are_the_sampler_schedule(conditional, stores, monkey
     assert (table.small_scale_error > 0).all() and np.isfinite(table.large_scale_error).all()
 
 
-def test_a_zero_denoiser_removes_the_noise_and_keeps_the_whole_target_as_error(conditional, stores, monkeypatch):
-    monkeypatch.setattr(conditional.model, "denoiser", Constant(identity=False))
+def test_a_zero_denoiser_removes_the_noise_and_keeps_the_whole_target_as_error(conditional, stores):
+    conditional.model.denoiser = Constant(identity=False)
     table = denoising_check(conditional, stores[0], period=PERIOD, samples=4)
     np.testing.assert_allclose(table.small_scale_error, 1.0, rtol=1e-5)
     np.testing.assert_allclose(table.large_scale_error, 1.0, rtol=1e-5)
@@ -83,8 +86,8 @@ def test_a_zero_denoiser_removes_the_noise_and_keeps_the_whole_target_as_error(c
         np.testing.assert_allclose(scaled, scaled.median(), rtol=0.5)
 
 
-def test_rolling_levels_are_each_frames_level_over_a_pass(rolling, stores, monkeypatch):
-    monkeypatch.setattr(rolling.model, "denoise", lambda x, sigma, condition: x)
+def test_rolling_levels_are_each_frames_level_over_a_pass(rolling, stores):
+    rolling.model.denoise = lambda x, sigma, condition: x
     table = denoising_check(rolling, stores[0], period=PERIOD, samples=4)
     passes = rolling.model_config.sampling_steps
     assert len(table) == WINDOW * passes * len(rolling.channels)
