@@ -290,12 +290,18 @@ class OneGridDiffusionForecaster(Forecaster):
             periodic_lon=self.grid == GLOBAL, tendency_scale=scale, spatial_scale=self.perturbation_map,
         )
 
-    def _renewed(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int, *, renewal: int) -> Tensor:
-        """``states`` (n_samples, T_in, C, H, W) plus a fresh smooth field per sample of ``window_perturbation``
-        tendency stds, the ``renewal``-th of the forecast, drawn from a generator seeded by ``(seed, start,
-        member)`` and salted by ``renewal`` apart from the sampler's noise and the initial perturbations."""
-        generators = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + renewal)
-        return self._perturbed(states, generators, self.model_config.window_perturbation)
+    def _renewed(self, states: Tensor, starts: pd.DatetimeIndex, members: int, seed: int, *, emitted: int,
+                 steps: int, every: int) -> Tensor:
+        """The states (n_samples, T_in, C, H, W) the next lead is conditioned on, after ``emitted`` of ``steps``
+        leads: plus a fresh smooth field per sample of ``window_perturbation`` tendency stds when one is due (every
+        ``every`` leads, not after the last), else as they are. The ``n``-th field comes from a generator seeded
+        by ``(seed, start, member)`` and salted by ``n`` apart from the sampler's noise and the initial
+        perturbations; the emitted states themselves stay as sampled."""
+        amplitude = self.model_config.window_perturbation
+        if amplitude == 0 or emitted % every != 0 or emitted >= steps:
+            return states
+        generators = self._member_generators(starts, members, seed, salt=_RENEWAL_SALT + emitted // every)
+        return self._perturbed(states, generators, amplitude)
 
     def _perturbation_map(self, ds: xr.Dataset) -> Tensor | None:
         """The map of ``model.perturbation_map_hours`` (C, H, W) from the analysis ``ds`` over its statistics
@@ -837,11 +843,8 @@ class DiffusionForecaster(OneGridDiffusionForecaster):
                 ))
             state = self._damped(torch.cat(parts), origin)  # (n_samples, C, H, W), normalised
             window = torch.cat([window[:, 1:], state[:, None]], dim=1)
-            every = config.perturbation_every
-            if config.window_perturbation > 0 and (k + 1) % every == 0 and k + 1 < steps:
-                # a fresh field every `every` leads on the states the next step is conditioned on; the emitted
-                # state itself stays as sampled
-                window = self._renewed(window, starts, members, seed, renewal=(k + 1) // every)
+            window = self._renewed(window, starts, members, seed, emitted=k + 1, steps=steps,
+                                   every=config.perturbation_every)
             yield k, state
 
 

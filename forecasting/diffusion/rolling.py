@@ -400,9 +400,7 @@ class RollingDiffusionForecaster(OneGridDiffusionForecaster):
                 emitted.append(self.model.next_state(states[rows, -1], frames[g][:, 0]))
             state = self._damped(torch.cat(emitted), origin)  # (n_samples, C, H, W), normalised
             states = torch.cat([states[:, 1:], state[:, None]], dim=1)
-            if config.window_perturbation > 0 and (k + 1) % every == 0 and k + 1 < steps:
-                # a fresh field every `every` leads; the emitted state itself stays as sampled
-                states = self._renewed(states, starts, members, seed, renewal=(k + 1) // every)
+            states = self._renewed(states, starts, members, seed, emitted=k + 1, steps=steps, every=every)
             yield k, state
 
 
