@@ -197,6 +197,40 @@ def test_init_from_starts_from_a_checkpoints_weights(stores, tmp_path):
     assert not any((tmp_path / name).exists() for name in ("wider", "refine", "mean", "missing"))
 
 
+def test_a_global_model_starts_a_stretched_one(stores, tmp_path):
+    """Transfer learning: a coarse-only model's weights start a stretched model (refine, detail inputs). Every
+    weight is the global model's; the data-node embedding's first layer gets zero columns for the stretched
+    model's extra inputs (regional flag, fine detail), inserted before the node position features. A stretched
+    model does not start a global one."""
+    sizes = {"processor_layers": 1, "global_level": 2, "regional_level": 2}
+    short = {"max_steps": 2, "batch_size": 2, "val_every": 1, "val_batches": 1}
+    base = train(graph_config(stores, model={**sizes, "mode": "global"}, training=short),
+                 out_dir=tmp_path / "global", progress=False)
+    tune = {**short, "max_steps": 1, "learning_rate": 1e-12, "warmup_steps": 0}
+    stretched = graph_config(stores, model={**sizes, "nesting": "refine", "detail_inputs": True},
+                             training={**tune, "init_from": str(base.checkpoint)})
+    tuned = train(stretched, out_dir=tmp_path / "stretched", progress=False)
+    theirs, ours = load_checkpoint(base.checkpoint).state_dict, load_checkpoint(tuned.checkpoint).state_dict
+    assert theirs.keys() == ours.keys()
+    first = "step.core.network.data_embed.net.0.weight"
+    for name in theirs:
+        if name != first:
+            assert torch.allclose(theirs[name], ours[name], atol=1e-6), name
+    forecaster = build_forecaster(stretched)
+    n_position = forecaster.rollout.step.core.network.data_node_features.shape[1]
+    old, new = theirs[first], ours[first]
+    extra = new.shape[1] - old.shape[1]
+    assert extra == 1 + 2 * len(forecaster.channels)  # the regional flag; the detail of 2 input steps' channels
+    n_old = old.shape[1] - n_position
+    assert torch.allclose(new[:, :n_old], old[:, :n_old], atol=1e-6)
+    assert new[:, n_old:n_old + extra].abs().max() < 1e-9  # zero, moved by one step at a 1e-12 rate
+    assert torch.allclose(new[:, n_old + extra:], old[:, n_old:], atol=1e-6)
+    back = graph_config(stores, model={**sizes, "mode": "global"}, training={**tune, "init_from": str(tuned.checkpoint)})
+    with pytest.raises(ConfigError, match=r"trained with model.mode 'stretched' and the config asks for 'global'"):
+        train(back, out_dir=tmp_path / "back", progress=False)
+    assert not (tmp_path / "back").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: clear errors, no run directory
 # ----------------------------------------------------------------------------------------------

@@ -157,6 +157,12 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
     but not across ``model.nesting: refine`` and the others, whose regional outputs mean different things
     (a correction to the interpolated coarse tendency, or the whole tendency) with the same shapes, nor
     across ``model.encoder_aggregation`` (the encoder's weights were fitted to sums or to means).
+
+    A coarse-only graph model (``model.mode: global``) also starts a stretched one of the same sizes (transfer
+    learning, as anemoi does from a global model to a stretched or limited-area one): the stretched network
+    reads more inputs per data node (the regional flag, and with ``detail_inputs`` the fine detail), so the
+    first layer of its data-node embedding takes the global model's columns and zeros for the new ones. The
+    other weights load unchanged, so at the start the stretched model is the global one run on both grids.
     """
     from forecasting.training.checkpoint import load_checkpoint
 
@@ -164,9 +170,19 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
     if not Path(path).is_file():
         raise ConfigError(f"{where} does not exist (a model checkpoint, e.g. runs/NAME/model.pt, is expected)")
     checkpoint = load_checkpoint(path, family=family)
+    state = checkpoint.state_dict
+    transfer = False
     if family == "graph" and model_config is not None:
+        their_mode = (checkpoint.config.get("model") or {}).get("mode", "stretched")
+        transfer = their_mode == "global" and model_config.mode == "stretched"
+        if their_mode != model_config.mode and not transfer:
+            raise ConfigError(
+                f"{where} was trained with model.mode {their_mode!r} and the config asks for "
+                f"{model_config.mode!r}: a graph model starts another of its own mode, or a stretched one from "
+                "a global one"
+            )
         theirs = (checkpoint.config.get("model") or {}).get("nesting", "cutout")
-        if (theirs == "refine") != (model_config.nesting == "refine"):
+        if not transfer and (theirs == "refine") != (model_config.nesting == "refine"):
             raise ConfigError(
                 f"{where} was trained with model.nesting {theirs!r} and the config asks for "
                 f"{model_config.nesting!r}: the network's regional output means another thing in 'refine'; "
@@ -180,10 +196,11 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
                 f"fine-tune with model.encoder_aggregation: {theirs}"
             )
     own = model.state_dict()
-    missing = sorted(set(own) - set(checkpoint.state_dict))
-    unexpected = sorted(set(checkpoint.state_dict) - set(own))
-    reshaped = sorted(k for k in set(own) & set(checkpoint.state_dict)
-                      if tuple(own[k].shape) != tuple(checkpoint.state_dict[k].shape))
+    if transfer:
+        state = _widen_data_embedding(state, own, model)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or reshaped:
         details = "; ".join(f"{what}: {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in
                             (("missing", missing), ("unexpected", unexpected), ("other shapes", reshaped)) if names)
@@ -191,7 +208,38 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
             f"{where}: its network does not match the config's model section ({details}); "
             "fine-tune with the model settings the checkpoint was trained with"
         )
-    model.load_state_dict(checkpoint.state_dict)
+    model.load_state_dict(state)
+
+
+def _widen_data_embedding(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], model: torch.nn.Module
+) -> dict[str, torch.Tensor]:
+    """A global graph model's weights with the first data-embedding layer widened to ``own``'s inputs.
+
+    The embedding reads ``[inputs, node position features]``; a stretched model's inputs are the global
+    model's followed by its extra channels (regional flag, fine detail), whose columns start at zero. Other
+    weights are returned as they are (shape mismatches are reported by the caller).
+    """
+    from forecasting.models.graph_network import EncodeProcessDecode
+
+    networks = [m for m in model.modules() if isinstance(m, EncodeProcessDecode)]
+    if len(networks) != 1:
+        return state
+    n_position = networks[0].data_node_features.shape[1]
+    widened = dict(state)
+    for name, theirs in state.items():
+        if not name.endswith("data_embed.net.0.weight") or name not in own:
+            continue
+        ours = own[name]
+        if ours.shape[0] != theirs.shape[0] or ours.shape[1] <= theirs.shape[1]:
+            continue
+        n_theirs = theirs.shape[1] - n_position  # the global model's inputs, before the position features
+        n_ours = ours.shape[1] - n_position
+        weight = torch.zeros_like(ours)
+        weight[:, :n_theirs] = theirs[:, :n_theirs]
+        weight[:, n_ours:] = theirs[:, n_theirs:]
+        widened[name] = weight
+    return widened
 
 
 def _precision(training: TrainingConfig) -> str:
