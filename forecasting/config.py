@@ -550,7 +550,8 @@ class TrainingConfig(StrictModel):
     CPU threads (None: torch's default, one per core); on a small shared machine 1 is often several times
     faster than 2, because two threads contending with other processes wait on each other. ``init_from``: a
     model checkpoint (``model.pt``) of the same family and network whose weights start the run, for
-    fine-tuning (e.g. longer rollouts) or transfer to other data; optimiser and schedule start afresh.
+    fine-tuning (e.g. longer rollouts) or transfer to other data; optimiser and schedule start afresh. A
+    coarse-only graph model (``model.mode: global``) also starts a stretched one of the same sizes.
     """
 
     train_period: Period = (None, None)
