@@ -175,6 +175,10 @@ class GraphModelConfig(StrictModel):
     ``detail_inputs`` (``nesting: refine`` only) gives every regional node, besides its states, their
     departure from the bilinear interpolation of the coarse nodes' states there (its fine detail), which
     the network could otherwise only estimate through the mesh; the other nodes get zeros.
+
+    ``regional_encoder: false`` (``nesting`` ``overlap`` or ``refine``) gives the regional nodes decoder edges
+    only: the mesh reads the coarse grid alone, as a coarse-only model's does, and the fine nodes take their
+    forecast from the mesh and their own inputs.
     """
 
     family: Literal["graph"] = "graph"
@@ -197,6 +201,7 @@ class GraphModelConfig(StrictModel):
     nesting: Literal["cutout", "overlap", "refine"] = "cutout"
     encoder_aggregation: Literal["sum", "mean"] = "sum"
     detail_inputs: bool = False
+    regional_encoder: bool = True
 
     @model_validator(mode="after")
     def _levels(self) -> GraphModelConfig:
@@ -213,6 +218,11 @@ class GraphModelConfig(StrictModel):
             raise ValueError(
                 "detail_inputs measures the regional nodes against the interpolated coarse nodes of "
                 f"nesting 'refine'; nesting is {self.nesting!r}"
+            )
+        if not self.regional_encoder and self.nesting == "cutout":
+            raise ValueError(
+                "regional_encoder: false leaves the mesh over the regional box to the coarse points there, which "
+                "nesting 'cutout' drops; use nesting 'overlap' or 'refine'"
             )
         return self
 

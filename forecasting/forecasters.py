@@ -1484,6 +1484,7 @@ def _build_graph(model: GraphModelConfig, stores: Mapping[str, xr.Dataset], path
         decoder_k=model.decoder_k,
         limited_area=model.mode == "limited_area",
         keep_coarse_in_region=model.nesting != "cutout",
+        regional_encoder=model.regional_encoder,
         **kwargs,
     )
 

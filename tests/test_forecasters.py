@@ -362,6 +362,22 @@ def test_detail_inputs_give_the_regional_nodes_their_departure_from_the_interpol
         graph_config(stores, model={"detail_inputs": True})
 
 
+def test_a_stretched_model_without_regional_encoder_edges_forecasts_both_grids(stores, initial):
+    """``regional_encoder: false``: the fine nodes only receive from the mesh (no encoder edges leave them);
+    the model still forecasts both grids. Refused with ``cutout``, which would leave the mesh over the box
+    nothing to read."""
+    config = graph_config(stores, model={"nesting": "refine", "regional_encoder": False})
+    forecaster = build_forecaster(config)
+    regional = np.flatnonzero(forecaster.graph.data_is_regional)
+    assert not np.isin(forecaster.graph.encoder_edges[0], regional).any()
+    assert np.isin(forecaster.graph.decoder_edges[1], regional).any()
+    fc = forecaster.forecast(initial, steps=2, starts=STARTS)
+    assert set(fc) == {GLOBAL, REGIONAL}
+    assert all(np.isfinite(ds[v].values).all() for ds in fc.values() for v in ds.data_vars)
+    with pytest.raises(ConfigError, match="regional_encoder: false .* nesting 'cutout' drops"):
+        graph_config(stores, model={"regional_encoder": False})
+
+
 def test_bilinear_weights_reproduce_linear_fields_and_wrap_round_the_globe():
     lat, lon = np.array([-10.0, 0.0, 10.0]), np.arange(0.0, 360.0, 90.0)
     index, weight = bilinear_weights(lat, lon, np.array([5.0, -2.5, 0.0]), np.array([45.0, 315.0, 360.0]), source="t")

@@ -421,6 +421,35 @@ def test_keep_coarse_in_region_keeps_every_coarse_node_and_old_descriptions_stil
                              regional_level=2, margin_deg=0.0, keep_coarse_in_region=True)
 
 
+def test_regional_nodes_can_be_left_out_of_the_encoder():
+    """regional_encoder=False: the mesh reads exactly the coarse-only graph's encoder edges, the fine nodes keep
+    their decoder edges, the option survives the description and needs the coarse points in the box."""
+    import json
+
+    coarse_lat, coarse_lon = _coarse_axes()
+    regional_lat, regional_lon = _regional_axes(NORDIC)
+    common = dict(coarse_lat=coarse_lat, coarse_lon=coarse_lon, region=NORDIC, global_level=2, regional_level=2,
+                  margin_deg=4.0)
+    both = build_forecast_graph(**common, regional_lat=regional_lat, regional_lon=regional_lon,
+                                keep_coarse_in_region=True)
+    coarse_only = build_forecast_graph(**common, regional_lat=regional_lat, regional_lon=regional_lon,
+                                       keep_coarse_in_region=True, regional_encoder=False)
+    fine = np.flatnonzero(coarse_only.data_is_regional)
+    assert np.isin(both.encoder_edges[0], fine).any()
+    assert not np.isin(coarse_only.encoder_edges[0], fine).any()
+    # Coarse nodes come first in both graphs, so the remaining edges are those of the graph without fine nodes.
+    plain = build_forecast_graph(coarse_lat=coarse_lat, coarse_lon=coarse_lon, region=None, global_level=2,
+                                 regional_level=2, margin_deg=0.0)
+    np.testing.assert_array_equal(coarse_only.encoder_edges, plain.encoder_edges)
+    np.testing.assert_array_equal(coarse_only.decoder_edges, both.decoder_edges)
+    assert coarse_only.summary()["encoder_edges"] == plain.encoder_edges.shape[1]
+    rebuilt = build_forecast_graph_from_description(json.loads(json.dumps(coarse_only.description)))
+    np.testing.assert_array_equal(rebuilt.encoder_edges, coarse_only.encoder_edges)
+    assert "regional_encoder" not in both.description["arguments"]  # descriptions from before the option rebuild
+    with pytest.raises(SchemaError, match="regional_encoder=False needs keep_coarse_in_region=True"):
+        build_forecast_graph(**common, regional_lat=regional_lat, regional_lon=regional_lon, regional_encoder=False)
+
+
 def test_npz_round_trip_is_exact_and_needs_no_pickle(stretched_graph, tmp_path):
     path = tmp_path / "graph.npz"
     stretched_graph.to_npz(path)

@@ -489,6 +489,7 @@ def build_forecast_graph(
     decoder_k: int = 3,
     limited_area: bool = False,
     keep_coarse_in_region: bool = False,
+    regional_encoder: bool = True,
 ) -> ForecastGraph:
     """Build data nodes, mesh, encoder and decoder edges and their features (see the module docstring).
 
@@ -510,6 +511,9 @@ def build_forecast_graph(
         limited_area: Use only the regional grid and the limited-area mesh of ``regional_level``.
         keep_coarse_in_region: Keep the coarse points inside the regional grid's box as data nodes (by
             default they are dropped). Needs a regional grid; not with ``limited_area``.
+        regional_encoder: Whether the regional nodes send to the mesh. False (with ``keep_coarse_in_region``)
+            gives them decoder edges only: the mesh reads the coarse grid alone, as a global model's does, and
+            the fine nodes only receive from it.
 
     Returns:
         A :class:`ForecastGraph` whose ``description`` records these arguments.
@@ -541,6 +545,11 @@ def build_forecast_graph(
         raise SchemaError(
             "keep_coarse_in_region=True needs a regional grid and a global mesh (not limited_area); found "
             f"regional grid: {has_regional}, limited_area: {limited_area}"
+        )
+    if not regional_encoder and not keep_coarse_in_region:
+        raise SchemaError(
+            "regional_encoder=False needs keep_coarse_in_region=True: the mesh over the regional box must read the "
+            "coarse points there"
         )
     if limited_area:
         if region is None or not has_regional:
@@ -586,20 +595,25 @@ def build_forecast_graph(
         area_parts.append(grid_cell_areas(regional_lat, regional_lon))
     data_xyz = np.concatenate(xyz_parts)
     area = np.concatenate(area_parts)
+    is_regional = np.concatenate(regional_parts)
 
-    # Encoder: data -> mesh, with fallbacks so that no data node and no mesh node is left out.
+    # Encoder: data -> mesh, with fallbacks so that no sending data node and no mesh node is left out.
+    senders = np.arange(len(data_xyz)) if regional_encoder else np.flatnonzero(~is_regional)
     if encoder == "radius":
-        encoder_edges = radius_edges(data_xyz, mesh.xyz, radius=encoder_radius(mesh, factor=encoder_radius_factor))
+        encoder_edges = radius_edges(
+            data_xyz[senders], mesh.xyz, radius=encoder_radius(mesh, factor=encoder_radius_factor)
+        )
     else:
-        encoder_edges = knn_edges(mesh.xyz, data_xyz, k=encoder_k)[::-1]  # (mesh, data) -> (data, mesh)
-    lonely_data = np.flatnonzero(np.bincount(encoder_edges[0], minlength=len(data_xyz)) == 0)
+        encoder_edges = knn_edges(mesh.xyz, data_xyz[senders], k=encoder_k)[::-1]  # (mesh, data) -> (data, mesh)
+    lonely_data = np.flatnonzero(np.bincount(encoder_edges[0], minlength=len(senders)) == 0)
     if len(lonely_data):
-        fallback = np.stack([lonely_data, _nearest(mesh.xyz, data_xyz[lonely_data])])
+        fallback = np.stack([lonely_data, _nearest(mesh.xyz, data_xyz[senders][lonely_data])])
         encoder_edges = np.concatenate([encoder_edges, fallback], axis=1)
     lonely_mesh = np.flatnonzero(np.bincount(encoder_edges[1], minlength=mesh.num_nodes) == 0)
     if len(lonely_mesh):
-        fallback = np.stack([_nearest(data_xyz, mesh.xyz[lonely_mesh]), lonely_mesh])
+        fallback = np.stack([_nearest(data_xyz[senders], mesh.xyz[lonely_mesh]), lonely_mesh])
         encoder_edges = np.concatenate([encoder_edges, fallback], axis=1)
+    encoder_edges = np.stack([senders[encoder_edges[0]], encoder_edges[1]])
     encoder_edges = sort_edges(encoder_edges)
     decoder_edges = knn_edges(mesh.xyz, data_xyz, k=decoder_k)
 
@@ -621,11 +635,12 @@ def build_forecast_graph(
             "decoder_k": int(decoder_k),
             "limited_area": bool(limited_area),
             "keep_coarse_in_region": bool(keep_coarse_in_region),
+            **({} if regional_encoder else {"regional_encoder": False}),  # older descriptions lack the key
         },
     }
     return ForecastGraph(
         data_xyz=data_xyz,
-        data_is_regional=np.concatenate(regional_parts),
+        data_is_regional=is_regional,
         data_grid_index=np.concatenate(index_parts),
         data_area_weight=area / area.mean(),
         data_node_features=node_features(data_xyz),
