@@ -178,7 +178,7 @@ class GraphModelConfig(StrictModel):
 
     ``regional_encoder: false`` (``nesting`` ``overlap`` or ``refine``) gives the regional nodes decoder edges
     only: the mesh reads the coarse grid alone, as a coarse-only model's does, and the fine nodes take their
-    forecast from the mesh and their own inputs.
+    output from the mesh and their own inputs.
     """
 
     family: Literal["graph"] = "graph"

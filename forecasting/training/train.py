@@ -162,7 +162,8 @@ def _initialise_weights(model: torch.nn.Module, path: str, *, family: str, model
     learning, as anemoi does from a global model to a stretched or limited-area one): the stretched network
     reads more inputs per data node (the regional flag, and with ``detail_inputs`` the fine detail), so the
     first layer of its data-node embedding takes the global model's columns and zeros for the new ones. The
-    other weights load unchanged, so at the start the stretched model is the global one run on both grids.
+    other weights load unchanged, so at the start the network treats the fine nodes as more coarse points
+    (with ``refine`` its output there is added to the interpolated coarse tendency until training corrects it).
     """
     from forecasting.training.checkpoint import load_checkpoint
 
